@@ -1,0 +1,73 @@
+import json
+import math
+
+import pytest
+
+from qlib.results import Claim, Run, read_metrics, validate_claims, write_json, write_metrics
+
+
+def test_claim_rejects_unknown_verdict():
+    with pytest.raises(ValueError, match="verdict"):
+        Claim("c", "a", "m", "maybe")
+
+
+def test_claim_rejects_empty_measured():
+    with pytest.raises(ValueError, match="measured"):
+        Claim("c", "a", "  ", "reproduced")
+
+
+def test_validate_claims_accepts_dicts_and_dataclasses():
+    out = validate_claims([Claim("c", "a", "m", "partly"),
+                           {"claim": "c2", "article": "a2", "measured": "m2", "verdict": "not reproduced"}])
+    assert [c["verdict"] for c in out] == ["partly", "not reproduced"]
+    assert set(out[0]) == {"claim", "article", "measured", "verdict", "note"}
+
+
+def test_write_json_is_strict_and_converts_numpy_and_nonfinite(tmp_path):
+    import numpy as np
+    import torch
+    path = write_json(tmp_path / "x.json", {"a": np.float32(1.5), "b": torch.tensor(3), "c": math.inf,
+                                            "d": np.arange(3), "e": float("nan")})
+    text = path.read_text()
+    assert "Infinity" not in text and "NaN" not in text
+    data = json.loads(text)
+    assert data == {"a": 1.5, "b": 3, "c": "inf", "d": [0, 1, 2], "e": "nan"}
+    assert not list(tmp_path.glob(".*.tmp"))  # no temporary file left behind
+
+
+def test_write_metrics_has_provenance(tmp_path):
+    path = write_metrics(tmp_path / "99_demo", {"acc": 0.9}, [Claim("c", "a", "m", "reproduced")],
+                         seed=3, smoke=True, wall_s=1.234)
+    data = read_metrics(path.parent)
+    prov = data["provenance"]
+    assert data["notebook"] == "99_demo" and data["metrics"] == {"acc": 0.9}
+    assert prov["seed"] == 3 and prov["smoke"] is True and prov["wall_s"] == 1.23
+    assert prov["packages"]["torch"].startswith("2.13")
+    assert prov["threads"] >= 1 and prov["cpu"]
+    assert "git_sha" in prov and "timestamp_utc" in prov
+
+
+def test_run_saves_partial_then_final(tmp_path):
+    run = Run(tmp_path / "01_x", seed=0, smoke=True)
+    run.log("step1", {"v": 1})
+    partial = json.loads((tmp_path / "01_x" / "metrics.partial.json").read_text())
+    assert partial["metrics"] == {"step1": {"v": 1}}  # an interrupted run keeps this
+    run.finish([])
+    assert not (tmp_path / "01_x" / "metrics.partial.json").exists()
+    assert read_metrics(tmp_path / "01_x")["metrics"] == {"step1": {"v": 1}}
+
+
+def test_read_metrics_missing_says_how_to_make_it(tmp_path):
+    with pytest.raises(FileNotFoundError, match="qlib.run"):
+        read_metrics(tmp_path / "42_nothing")
+
+
+def test_save_figure(tmp_path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots()
+    ax.plot([0, 1], [0, 1])
+    run = Run(tmp_path / "02_fig")
+    path = run.figure(fig, "line")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
