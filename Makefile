@@ -24,7 +24,7 @@ setup: $(STAMP)
 	$(PY) -m qlib.fetch
 
 results: setup
-	$(PY) -m qlib.run
+	status=0; $(PY) -m qlib.run || status=$$?; $(PY) -m qlib.report && exit $$status
 
 smoke: setup
 	$(PY) -m qlib.run --smoke

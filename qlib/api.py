@@ -8,7 +8,8 @@ A handler is ``fn(model, config, fqns, calib) -> model`` registered for a config
 What the built-in handlers do (all fake-quant, for ACCURACY; speed and bytes on disk come from the
 packed weights and real kernels in ``qlib.kernels``, never from these):
 
-- ``RTNConfig``: each selected weight is replaced by its round-to-nearest quant-dequant values, in place.
+- ``RTNConfig``: each selected weight is replaced by its round-to-nearest quant-dequant values, in place
+  (``pad=True``: a group size that does not divide the input dimension gets a shorter last group).
   A weight tied to a module that was not selected (a tied ``lm_head`` and token embedding) is untied
   first, with a warning, so the unselected module keeps its full-precision weight.
 - ``W8A8Config``: each selected ``nn.Linear`` becomes a ``qlib.fakequant.QuantLinear`` (weights quant-
@@ -107,12 +108,12 @@ def _set_module(model: nn.Module, fqn: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
 
-def _check_weights(model: nn.Module, fqns: list[str], granularity: Any) -> None:
-    """Validate every selected weight (group size divides, finite) before anything is changed."""
+def _check_weights(model: nn.Module, fqns: list[str], granularity: Any, pad: bool = False) -> None:
+    """Validate every selected weight (group size divides unless ``pad``, finite) before anything is changed."""
     for f in fqns:
         w = model.get_submodule(f).weight
         try:
-            group_size_for(w, granularity)
+            group_size_for(w, granularity, pad)
             check_finite(w.detach(), f"{f}.weight")
         except ValueError as e:
             raise ValueError(f"layer {f}: {e}") from e
@@ -172,7 +173,7 @@ def calibrate_act_ranges(model: nn.Module, fqns: list[str], calib: Iterable, bit
 @register(RTNConfig)
 def _rtn(model: nn.Module, config: RTNConfig, fqns: list[str], calib: Any = None) -> nn.Module:
     """Replace each selected weight by its round-to-nearest quant-dequant values (fake-quant, accuracy only)."""
-    _check_weights(model, fqns, config.granularity)
+    _check_weights(model, fqns, config.granularity, config.pad)
     owners, selected, done = _param_owners(model), set(fqns), set()
     with torch.no_grad():
         for f in tqdm(fqns, desc=f"RTN {config.tag}", disable=len(fqns) < 8):
@@ -181,7 +182,7 @@ def _rtn(model: nn.Module, config: RTNConfig, fqns: list[str], calib: Any = None
             if id(w) in done:  # shared by two selected layers: quantize once
                 continue
             wq = quant_dequant(w, qparams(w, config.bits, config.symmetric, config.granularity, config.observer,
-                                          name=f"{f}.weight"))
+                                          pad=config.pad, name=f"{f}.weight"))
             others = [o for o in owners.get(id(w), []) if o not in selected]
             if others:
                 warnings.warn(f"{f}.weight is tied to {others}; untying it so they keep full precision", stacklevel=3)

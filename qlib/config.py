@@ -53,11 +53,14 @@ class RTNConfig(QuantConfig):
     group_size: int | None = 128  # None = per-channel, -1 = per-tensor
     symmetric: bool = True
     observer: str = "minmax"
+    pad: bool = False  # allow a group size not dividing K: a shorter last group (576 = 4 x 128 + 64), as GPTQ does
 
     def __post_init__(self) -> None:
         check_bits(self.bits)
         _check_group_size(self.group_size)
         _check_observer(self.observer)
+        if not isinstance(self.pad, bool):
+            raise ValueError(f"pad={self.pad!r} is invalid; use True (shorter last group) or False")
 
     @property
     def granularity(self) -> Granularity:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import re
 from dataclasses import dataclass
 
 import pytest
@@ -12,7 +13,7 @@ from qlib import api
 from qlib.api import default_filter, quantize_, register
 from qlib.config import QuantConfig, RTNConfig, W8A8Config
 from qlib.fakequant import QuantLinear
-from qlib.primitives import sqnr_db
+from qlib.primitives import rtn, sqnr_db
 
 torch.set_num_threads(1)
 
@@ -133,6 +134,7 @@ def test_w8a8_static_needs_calibration():
     (dict(bits=9), "2..8"),
     (dict(group_size=0), "group_size=0 is invalid"),
     (dict(observer="kl"), "observer='kl' is unknown"),
+    (dict(pad="yes"), "pad='yes' is invalid"),
 ])
 def test_rtn_config_validation(kwargs, words):
     with pytest.raises(ValueError, match=words):
@@ -198,3 +200,20 @@ def test_calibration_batches_must_be_inputs_only():
     assert sqnr_db(ref(input_ids=ids), m(input_ids=ids)) > 25
     with pytest.raises(ValueError, match="pass model inputs only"):
         quantize_(mlp(), W8A8Config(act_mode="static"), calib=[(inputs(4), torch.zeros(4))])
+
+
+def test_rtn_pad_gives_a_shorter_last_group():
+    torch.manual_seed(0)
+    ref = nn.Sequential(nn.Linear(576, 64))  # SmolLM2-135M's hidden size: 576 = 4 x 128 + 64
+    msg = "layer 0: group size 128 does not divide the input dimension 576; pick a divisor such as 64 or 192, " \
+          "or pass pad=True for a shorter last group (as the GPTQ reference does)"
+    with pytest.raises(ValueError, match=re.escape(msg)):
+        quantize_(copy.deepcopy(ref), RTNConfig(bits=4, group_size=128))
+    m = quantize_(copy.deepcopy(ref), RTNConfig(bits=4, group_size=128, pad=True))
+    w, w0 = m[0].weight.detach(), ref[0].weight.detach()
+    assert torch.equal(w, rtn(w0, 4, True, 128, pad=True))
+    assert max(len(torch.unique(r)) for r in w[:, 512:]) <= 16  # the 64-wide last group is on its own 4-bit grid
+    assert max(len(torch.unique(g)) for g in w[:, :512].reshape(-1, 128)) <= 16
+    x = torch.randn(32, 576, generator=torch.Generator().manual_seed(2))
+    assert 15 < sqnr_db(ref(x), m(x)) < 30  # 4-bit g128 on a uniform-init layer: measured ~20 dB
+    assert RTNConfig(pad=True).tag == RTNConfig().tag == "rtn.w4.g128.sym"

@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
 
-from qlib.primitives import (QParams, dequantize, dynamic_act_qparams, fake_quant, observe_range, qparams,
-                             qparams_from_range, quant_dequant, quantize, representable_range, rtn, sqnr_db)
+from qlib.primitives import (QParams, dequantize, dynamic_act_qparams, expand_qparams, fake_quant, group_index,
+                             observe_range, qparams, qparams_from_range, quant_dequant, quantize, representable_range,
+                             rtn, sqnr_db)
 
 torch.set_num_threads(1)
 
@@ -144,7 +146,9 @@ def test_bad_bits_raise(bits):
 
 
 def test_group_size_must_divide():
-    with pytest.raises(ValueError, match="group size 128 does not divide the input dimension 576; pick a divisor such as 64 or 192, or pad"):
+    msg = ("group size 128 does not divide the input dimension 576; pick a divisor such as 64 or 192, "
+           "or pass pad=True for a shorter last group (as the GPTQ reference does)")
+    with pytest.raises(ValueError, match=re.escape(msg)):
         qparams(torch.randn(4, 576), 4, granularity=128)
     with pytest.raises(ValueError, match="unknown granularity"):
         qparams(torch.randn(4, 64), 4, granularity="row")
@@ -209,3 +213,100 @@ def test_quant_dequant_matches_dequantize_of_codes(granularity):
     for sym in (True, False):
         qp = qparams(x, 3, sym, granularity)
         assert torch.equal(quant_dequant(x, qp), dequantize(quantize(x, qp), qp))
+
+
+# --------------------------------------------------------------------------------------------------
+# pad=True: a shorter last group (576 = 4 x 128 + 64, as the GPTQ reference does)
+
+OBSERVER_KW = {"minmax": {}, "mse": {"steps": 20}, "percentile": {"p": 95.0}}  # p=95 clips inside a 64-wide group
+
+
+@pytest.mark.parametrize("observer", list(OBSERVER_KW))
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_short_last_group_equals_two_parts(symmetric, observer):
+    x = _heavy_tailed((6, 576), seed=6) + (0 if symmetric else 0.7)
+    kw = OBSERVER_KW[observer]
+    qp = qparams(x, 4, symmetric, 128, observer, pad=True, **kw)
+    assert qp.scale.shape == qp.zero.shape == (6, 5) and qp.group_size == 128 and qp.in_features == 576
+    head = qparams(x[:, :512], 4, symmetric, 128, observer, **kw)  # 4 full groups
+    tail = qparams(x[:, 512:], 4, symmetric, "channel", observer, **kw)  # the last 64 columns as one group
+    assert torch.equal(qp.scale, torch.cat([head.scale, tail.scale], 1))
+    assert torch.equal(qp.zero, torch.cat([head.zero, tail.zero], 1))
+    codes = torch.cat([quantize(x[:, :512], head), quantize(x[:, 512:], tail)], 1)
+    assert torch.equal(quantize(x, qp), codes)
+    assert torch.equal(quant_dequant(x, qp), torch.cat([quant_dequant(x[:, :512], head), quant_dequant(x[:, 512:], tail)], 1))
+    assert torch.equal(rtn(x, 4, symmetric, 128, observer, pad=True, **kw), quant_dequant(x, qp))
+    lo, hi = observe_range(x, 4, symmetric, 128, observer, pad=True, **kw)
+    assert lo.shape == hi.shape == (6, 5)
+    if observer == "percentile":  # zero-padding the tail to 128 would move the percentile: the real columns matter
+        padded = qparams(torch.nn.functional.pad(x[:, 512:], (0, 64)), 4, symmetric, "channel", observer, **kw)
+        assert not torch.allclose(padded.scale, tail.scale)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_short_last_group_round_trip_and_shapes(bits, symmetric):
+    x = torch.randn(2, 3, 200, generator=torch.Generator().manual_seed(bits)) * 3 + (0 if symmetric else 1.0)
+    qp = qparams(x, bits, symmetric, 64, pad=True)  # 200 = 3 x 64 + 8
+    assert qp.scale.shape == (2, 3, 4) and qp.in_features == 200
+    q = quantize(x, qp)
+    assert q.dtype == torch.uint8 and q.shape == x.shape and q.is_contiguous()
+    y = dequantize(q, qp)
+    assert y.shape == x.shape and torch.equal(quant_dequant(x, qp), y)
+    err, step = (y - x).abs(), _scale_per_element(x, qp)
+    assert bool((err <= step / 2 * (1 + 1e-5) + 1e-6).all())
+    assert torch.allclose(step[..., 192:], qp.scale[..., 3:].expand(2, 3, 8), rtol=1e-5)  # the 8 tail columns share the last scale
+    assert torch.equal(quantize(y, qp), q)
+
+
+def test_pad_is_a_no_op_when_the_group_divides_and_handles_k_below_g():
+    x = torch.randn(4, 256, generator=torch.Generator().manual_seed(7))
+    a, b = qparams(x, 4, False, 128, pad=True), qparams(x, 4, False, 128)
+    assert torch.equal(a.scale, b.scale) and torch.equal(a.zero, b.zero) and a.group_size == b.group_size == 128
+    small = x[:, :40]  # K < g: one group of the 40 real columns, i.e. per-channel
+    qs = qparams(small, 4, True, 64, pad=True)
+    assert qs.scale.shape == (4, 1) and torch.equal(qs.scale, qparams(small, 4, True, "channel").scale)
+    assert torch.equal(quant_dequant(small, qs), rtn(small, 4, True, "channel"))
+
+
+def test_group_index_and_expand_qparams():
+    idx = group_index(576, 128)
+    assert idx.dtype == torch.int64 and torch.equal(torch.bincount(idx), torch.tensor([128, 128, 128, 128, 64]))
+    assert torch.equal(group_index(5, -1), torch.zeros(5, dtype=torch.int64))
+    x = _heavy_tailed((3, 576), seed=8)
+    qp = qparams(x, 4, False, 128, pad=True)
+    s, z = expand_qparams(qp, 576)
+    assert s.shape == z.shape == (3, 576)
+    assert torch.equal(s[:, 511], qp.scale[:, 3]) and torch.equal(s[:, 512], qp.scale[:, 4]) and torch.equal(z[:, 575], qp.zero[:, 4])
+    q = quantize(x, qp)
+    assert torch.equal((q.float() - z) * s, dequantize(q, qp))  # per-column form, as a packed kernel uses it
+    # a kernel that zero-pads K to 640 can keep qp.scale as is: the real columns get the same codes
+    padded = QParams(qp.scale, qp.zero, 4, False, 128, 640)
+    assert torch.equal(quantize(torch.nn.functional.pad(x, (0, 64)), padded)[:, :576], q)
+    st, zt = expand_qparams(qparams(x, 8, True, "tensor"), 576)
+    assert st.shape == (576,) and bool((zt == 128).all())
+    with pytest.raises(ValueError, match="do not fit an input dimension of 600"):
+        expand_qparams(qp, 600)
+
+
+def test_short_last_group_needs_matching_input_dimension():
+    qp = qparams(torch.randn(6, 576), 4, granularity=128, pad=True)
+    with pytest.raises(ValueError, match="computed for an input dimension of 576"):
+        quantize(torch.randn(6, 600), qp)  # 600 also splits into 5 groups of 128: only in_features tells them apart
+    bare = QParams(qp.scale, qp.zero, 4, True, 128)  # no in_features: a shorter last group is not assumed
+    with pytest.raises(ValueError, match="does not split into groups of 128"):
+        dequantize(torch.zeros(6, 576, dtype=torch.uint8), bare)
+
+
+def test_fake_quant_ste_with_short_last_group():
+    g = torch.Generator().manual_seed(9)
+    x = (torch.randn(8, 72, generator=g) * 2).requires_grad_()  # 72 = 2 x 32 + 8
+    for sym in (True, False):
+        qp = qparams(x.detach() * 0.5, 4, sym, granularity=32, pad=True)
+        y = fake_quant(x, qp)
+        assert y.shape == x.shape and torch.equal(y.detach(), quant_dequant(x.detach(), qp))
+        (gx,) = torch.autograd.grad((y * 3.0).sum(), x)
+        lo, hi = representable_range(x, qp)
+        inside = (x.detach() >= lo) & (x.detach() <= hi)
+        assert 0.1 < inside[:, 64:].float().mean() < 0.99  # the tail group clips too
+        assert torch.equal(gx, 3.0 * inside.float())
