@@ -53,8 +53,9 @@ ENCODER_KEYS = ("minilm-l6",)
 CLASSIFIER_KEYS = ("minilm-sentiment",)
 SMOKE_KEYS = ("minilm-sentiment", "fmnist-resnet")  # zoo models trained here, with a small "-smoke" variant
 LM_NOTES = {  # what every user of a zoo LM must know: its fp32 weights are dequantized from a 4-bit GGUF
-    "smollm2-135m": "weights dequantized from a Q4_1 GGUF (INT4 asymmetric, group 32): every linear weight sits exactly on "
-                    "that grid, so RTN asym g32 is a no-op on this model; not the original bf16 checkpoint",
+    "smollm2-135m": "weights dequantized from a Q4_1 GGUF (4-bit, group 32, float scale and float minimum): every linear "
+                    "weight sits exactly on that grid, so a Q4_1-style quantizer is a no-op on this model (an integer "
+                    "zero-point grid is not); not the original bf16 checkpoint",
     "gemma3-270m": "weights dequantized from a Q4_K_M GGUF (4/6-bit k-quants, super-blocks of 256): quantization-derived, "
                    "not the original bf16 checkpoint",
 }
