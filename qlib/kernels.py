@@ -496,9 +496,11 @@ def packed_bytes(model: nn.Module) -> int:
     This is the tensor payload a state-dict file holds (safetensors adds a small header).
     """
     seen: set[tuple] = set()
-    total = 0
+    alive: list[Tensor] = []  # keep every counted tensor referenced: a freed temporary's address can be reused,
+    total = 0                 # and an address-based key would then wrongly count a new tensor as already seen
     for value in model.state_dict(keep_vars=True).values():
         for t in _tensors_in(value):
+            alive.append(t)
             try:
                 key: tuple = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
             except (RuntimeError, NotImplementedError):
