@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from qlib.config import QuantConfig, RTNConfig, W8A8Config
+from qlib.config import AWQConfig, QuantConfig, RTNConfig, W8A8Config
 from qlib.fakequant import ActRangeObserver, QuantLinear
 from qlib.primitives import check_finite, group_size_for, qparams, quant_dequant
 
@@ -209,3 +209,14 @@ def _w8a8(model: nn.Module, config: W8A8Config, fqns: list[str], calib: Any = No
                          config.act_bits, config.act_symmetric, config.act_granularity, act_qp.get(f))
         _set_module(model, f, ql.to(lin.weight.device))
     return model
+
+
+@register(AWQConfig)
+def _awq(model: nn.Module, config: AWQConfig, fqns: list[str], calib: Any = None) -> nn.Module:
+    """AWQ scale (and clip) search on ``calib``, then fold + round to nearest (``qlib.awq``); fake-quant, accuracy only."""
+    from qlib.awq import quantize_awq  # imported here: qlib.awq builds on this module
+
+    return quantize_awq(model, config, fqns, calib)
+
+
+import qlib.gptq  # noqa: E402,F401  registers the GPTQConfig handler (qlib.gptq imports register from here)

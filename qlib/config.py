@@ -127,3 +127,100 @@ class W8A8Config(QuantConfig):
         obs = "" if self.act_observer == "minmax" else f".{self.act_observer}"
         wg = "" if self.weight_group_size is None else f".{_group_tag(self.weight_group_size)}"
         return f"w{self.weight_bits}a{self.act_bits}.{act}{obs}{wg}{'' if self.weight_symmetric else '.wasym'}"
+
+
+@dataclass(frozen=True)
+class GPTQConfig(QuantConfig):
+    """GPTQ (Frantar et al. 2022) weight-only quantization of the linears inside transformer blocks; needs ``calib``.
+
+    ``percdamp`` is the damping added to the Hessian diagonal as a fraction of its mean; ``block_size`` is the
+    lazy-update column block; ``act_order`` quantizes columns by descending Hessian diagonal; ``static_groups``
+    fixes each group's qparams up front from the unpermuted weight (so act_order keeps contiguous groups).
+    """
+
+    bits: int = 4
+    group_size: int | None = 128  # None = per-channel, -1 = per-tensor
+    symmetric: bool = True
+    act_order: bool = False
+    static_groups: bool = False
+    percdamp: float = 0.01
+    block_size: int = 128
+    true_sequential: bool = True
+    pad: bool = True  # group size not dividing K: a shorter last group, as the reference does
+    observer: str = "minmax"  # "mse" is the reference's --mse grid search
+
+    def __post_init__(self) -> None:
+        check_bits(self.bits)
+        _check_group_size(self.group_size)
+        _check_observer(self.observer)
+        for name in ("symmetric", "act_order", "static_groups", "true_sequential", "pad"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}={getattr(self, name)!r} is invalid; use True or False")
+        if isinstance(self.percdamp, bool) or not isinstance(self.percdamp, (int, float)) or not 0 <= self.percdamp <= 1:
+            raise ValueError(f"percdamp={self.percdamp!r} must be a fraction in [0, 1]; 0.01 is the paper's choice")
+        if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) or self.block_size < 1:
+            raise ValueError(f"block_size={self.block_size!r} must be a positive int; 128 is the paper's choice")
+        if self.static_groups and (self.group_size is None or self.group_size == -1):
+            raise ValueError("static_groups=True needs a positive group_size (e.g. 128); per-channel and per-tensor "
+                             "qparams are static already")
+
+    @property
+    def granularity(self) -> Granularity:
+        """Granularity in ``qlib.primitives`` terms."""
+        return granularity_of(self.group_size)
+
+    @property
+    def tag(self) -> str:
+        """E.g. ``gptq.w4.g128.sym`` (``.act`` for act_order, ``.static`` for static groups)."""
+        extra = (".act" if self.act_order else "") + (".static" if self.static_groups else "")
+        obs = "" if self.observer == "minmax" else f".{self.observer}"
+        return f"gptq.w{self.bits}.{_group_tag(self.group_size)}.{'sym' if self.symmetric else 'asym'}{extra}{obs}"
+
+
+def _check_int(value: int, name: str, low: int, hint: str) -> None:
+    """Raise ValueError unless ``value`` is an int >= ``low``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name}={value!r} must be an integer >= {low}; {hint}")
+
+
+@dataclass(frozen=True)
+class AWQConfig(QuantConfig):
+    """AWQ (Lin et al. 2023) weight-only quantization of the linears inside transformer blocks; needs ``calib``.
+
+    ``n_grid`` scale ratios in [0, 1); ``clip`` searches a clip value per output row and group over
+    ``int(max_shrink * clip_grid)`` shrink steps on ``n_clip_tokens`` tokens (llm-awq's defaults throughout).
+    """
+
+    bits: int = 4
+    group_size: int | None = 128  # None = per-channel (per-tensor is not supported)
+    symmetric: bool = False  # AWQ's default: zero-point quantization
+    n_grid: int = 20
+    clip: bool = True
+    clip_grid: int = 20
+    max_shrink: float = 0.5
+    pad: bool = True  # group size not dividing K: a shorter last group
+    n_clip_tokens: int = 512
+
+    def __post_init__(self) -> None:
+        check_bits(self.bits)
+        _check_group_size(self.group_size)
+        if self.group_size == -1:
+            raise ValueError("AWQ quantizes per group or per channel, not per tensor; use group_size=128 or None")
+        for name in ("symmetric", "clip", "pad"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}={getattr(self, name)!r} is invalid; use True or False")
+        _check_int(self.n_grid, "n_grid", 1, "20 is llm-awq's grid (1 gives ratio 0 only: plain RTN)")
+        _check_int(self.clip_grid, "clip_grid", 1, "20 is llm-awq's grid")
+        _check_int(self.n_clip_tokens, "n_clip_tokens", 1, "512 is llm-awq's choice")
+        if isinstance(self.max_shrink, bool) or not isinstance(self.max_shrink, (int, float)) or not 0 <= self.max_shrink < 1:
+            raise ValueError(f"max_shrink={self.max_shrink!r} must lie in [0, 1); 0.5 is llm-awq's choice")
+
+    @property
+    def granularity(self) -> Granularity:
+        """Granularity in ``qlib.primitives`` terms."""
+        return granularity_of(self.group_size)
+
+    @property
+    def tag(self) -> str:
+        """E.g. ``awq.w4.g128.asym`` (``.noclip`` without the clip search)."""
+        return f"awq.w{self.bits}.{_group_tag(self.group_size)}.{'sym' if self.symmetric else 'asym'}{'' if self.clip else '.noclip'}"
