@@ -94,6 +94,114 @@ def points_from_results(results_dir: str | Path = RESULTS_DIR, include_smoke: bo
     return points
 
 
+def int8_ptq_points(classifier_rows: Sequence[dict], decode_rows: Sequence[dict], classifier: str, lm: str,
+                    source: str = "01_int8_ptq", lm_metric: str = "perplexity nyt") -> list[Point]:
+    """Points from notebook 01's classifier and decode tables: real-kernel variants only, speed and bytes measured.
+
+    Classifier rows give accuracy, batch-1 speedup and bytes (simulated variants have no speed and are left
+    out); decode rows give held-out perplexity of the packed model, batch-1 decode speedup and bytes.
+    """
+    bits = {"fp32": 32, "bf16": 16, "torch dynamic int8": 8, "qlib int8 weight-only": 8, "qlib int4 g128 (RTN)": 4.25}
+    def number(x: Any) -> float | None:
+        v = float(x) if isinstance(x, (int, float, str)) else math.nan
+        return v if math.isfinite(v) else None
+    points = []
+    for r in classifier_rows:
+        speed = number(r.get("speedup b1"))
+        if r.get("real_kernel") and speed and r["variant"] in bits:
+            points.append(Point.from_metric(classifier, r["variant"], bits[r["variant"]], r["accuracy"], "accuracy",
+                                            speed, int(r["bytes"]), source))
+    for r in decode_rows:
+        speed = number(r.get("speedup"))
+        if speed and r["variant"] in bits and number(r.get("ppl")):
+            points.append(Point.from_metric(lm, r["variant"], bits[r["variant"]], r["ppl"], lm_metric, speed,
+                                            int(r["bytes"]), source))
+    return points
+
+
+def _derive_01(metrics: dict, source: str) -> list[Point]:
+    """Notebook 01 before it recorded points: its default models (minilm-sentiment, smollm2-135m)."""
+    return int8_ptq_points(metrics.get("classifier", []), metrics.get("decode", []), "minilm-sentiment",
+                           "smollm2-135m", source)
+
+
+# Runs written before a notebook recorded ``metrics["points"]``: how to read points from its measured tables.
+DERIVERS = {"01_int8_ptq": _derive_01}
+
+
+def gather_points(results_dir: str | Path = RESULTS_DIR, include_smoke: bool = False,
+                  derive: bool = True) -> tuple[list[Point], list[dict]]:
+    """Every point in ``results/*/metrics.json`` and an inventory row per run saying where its points came from.
+
+    A run without ``metrics["points"]`` whose notebook has an entry in :data:`DERIVERS` gets points derived
+    from its own measured tables (``derive=False`` skips that); others contribute none.
+    """
+    results_dir = Path(results_dir)
+    if not results_dir.is_dir():
+        raise FileNotFoundError(f"{results_dir} does not exist; run the notebooks first (python -m qlib.run).")
+    points, inventory = [], []
+    for path in sorted(results_dir.glob("*/metrics.json")):
+        record = json.loads(path.read_text())
+        stem = record.get("notebook") or path.parent.name
+        if record.get("provenance", {}).get("smoke") and not include_smoke:
+            inventory.append({"notebook": stem, "points": 0, "how": "smoke run, skipped"})
+            continue
+        metrics = record.get("metrics", {})
+        if metrics.get("points"):
+            found, how = [point_from_dict(d, stem) for d in metrics["points"]], "recorded in metrics['points']"
+        elif derive and stem in DERIVERS:
+            found, how = DERIVERS[stem](metrics, stem), "derived from its measured tables (qlib.pareto.DERIVERS)"
+        else:
+            found, how = [], "no points recorded"
+        points += found
+        inventory.append({"notebook": stem, "points": len(found), "how": how,
+                          "models": ", ".join(sorted({p.model for p in found}))})
+    return points, inventory
+
+
+def group_by_metric(points: Iterable[Point]) -> dict[str, list[Point]]:
+    """Points by (model, quality metric): only these compare. Keys are the model, or ``model · metric``
+    when one model was measured on several metrics."""
+    pairs: dict[tuple[str, str], list[Point]] = {}
+    for p in points:
+        pairs.setdefault((p.model, p.quality_name), []).append(p)
+    per_model = {m for m, _ in pairs}
+    count = {m: sum(1 for k in pairs if k[0] == m) for m in per_model}
+    return {(m if count[m] == 1 else f"{m} · {q.lstrip('-')}"): g for (m, q), g in pairs.items()}
+
+
+def disambiguate(points: Sequence[Point]) -> list[Point]:
+    """Points whose method names repeat (the same variant measured by two notebooks) renamed ``method [source]``."""
+    seen: dict[str, int] = {}
+    for p in points:
+        seen[p.method] = seen.get(p.method, 0) + 1
+    return [dataclasses.replace(p, method=f"{p.method} [{p.source}]") if seen[p.method] > 1 else p for p in points]
+
+
+def relative_loss_pct(p: Point, base: Point) -> float:
+    """Quality lost against ``base`` in percent of the baseline's metric (negative: ``p`` is better).
+
+    Accuracy 0.90 → 0.891 is 1.0%; perplexity 60 → 61.2 is 2.0% (the same formula on negated quality).
+    """
+    if base.quality_name != p.quality_name:
+        raise ValueError(f"cannot compare {p.quality_name!r} with {base.quality_name!r}; compare points of one metric.")
+    if base.quality == 0:
+        raise ValueError(f"baseline {base.method} has quality 0; a relative loss needs a non-zero baseline.")
+    return 100.0 * (base.quality - p.quality) / abs(base.quality)
+
+
+def break_even_error_cost(infra_saving_monthly: float, quality_drop: float, requests_per_month: float) -> float:
+    """Cost per request per unit of quality drop at which the errors eat the infrastructure saving.
+
+    ``inf`` when the variant loses no quality and saves money; 0 when it saves nothing.
+    """
+    if infra_saving_monthly <= 0:
+        return 0.0
+    if quality_drop <= 0 or requests_per_month <= 0:
+        return math.inf
+    return infra_saving_monthly / (requests_per_month * quality_drop)
+
+
 def _objective_matrix(points: Sequence[Any], maximize: Sequence, minimize: Sequence) -> np.ndarray:
     """An (n, k) array where larger is better in every column."""
     if len(points) == 0:
@@ -206,11 +314,12 @@ def plot_frontier(points: Sequence[Point], x: str = "speedup", y: str = "quality
     return ax
 
 
-def plot_frontiers(points: Sequence[Point], x: str = "speedup", y: str = "quality", ncols: int = 3):
-    """One panel per model (quality scales differ between models); returns the figure."""
+def plot_frontiers(points: Sequence[Point], x: str = "speedup", y: str = "quality", ncols: int = 3,
+                   groups: dict[str, list[Point]] | None = None):
+    """One panel per model (quality scales differ between models), or per ``groups`` entry; returns the figure."""
     import matplotlib.pyplot as plt
 
-    groups = _group(points, "model")
+    groups = _group(points, "model") if groups is None else groups
     n = max(len(groups), 1)
     ncols = min(ncols, n)
     nrows = math.ceil(n / ncols)
@@ -276,12 +385,16 @@ def choose_config(
 
     Variants whose drop exceeds ``max_quality_drop`` are rejected; of the rest, the lowest total monthly cost
     wins (ties: higher quality, then input order). Returns ``{"chosen", "candidates", "rejected",
-    "baseline", "assumptions"}``; rows carry the cost breakdown and ``saving_monthly`` against the baseline.
+    "baseline", "assumptions"}``; rows carry the cost breakdown, ``saving_monthly`` against the baseline and
+    ``break_even_error_cost``: the ``error_cost_per_unit_drop`` at which the variant stops paying for itself.
     """
     points = list(points)
     models = sorted({p.model for p in points})
     if len(models) > 1:
         raise ValueError(f"choose_config compares variants of one model, got {models}; filter the points by model first.")
+    metrics = sorted({p.quality_name for p in points})
+    if len(metrics) > 1:
+        raise ValueError(f"choose_config compares one quality metric, got {metrics}; group the points with group_by_metric first.")
     if max_quality_drop < 0 or cost_per_hour_fp32 < 0 or requests_per_month < 0 or error_cost_per_unit_drop < 0:
         raise ValueError("max_quality_drop, cost_per_hour_fp32, requests_per_month and error_cost_per_unit_drop must be >= 0.")
     base = next((p for p in points if p.method == baseline_method), None)
@@ -299,8 +412,11 @@ def choose_config(
     amortized = one_time_cost / horizon_months if horizon_months > 0 else one_time_cost
     rows = [_config_row(p, one_time_monthly=0.0 if p is base else amortized, **common) for p in points]
     base_total = rows[points.index(base)]["total_monthly"]
+    base_infra = rows[points.index(base)]["infra_monthly"]
     for r in rows:
         r["saving_monthly"] = base_total - r["total_monthly"]
+        r["break_even_error_cost"] = break_even_error_cost(base_infra - r["infra_monthly"] - r["one_time_monthly"],
+                                                           r["quality_drop"], requests_per_month)
     tol = 1e-12 * max(1.0, abs(max_quality_drop))
     within = [r for r in rows if r["quality_drop"] <= max_quality_drop + tol]
     chosen = min(within, key=lambda r: (round(r["total_monthly"], 9), -r["quality"])) if within else None

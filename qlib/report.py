@@ -96,9 +96,9 @@ def _claims_section(runs: list[dict], report_dir: Path) -> list[str]:
 
 
 def _points_section(results_dir: Path, report_dir: Path, include_smoke: bool, figure: bool) -> list[str]:
-    from qlib.pareto import pareto_front, points_from_results
+    from qlib.pareto import gather_points, group_by_metric, pareto_front
 
-    points = points_from_results(results_dir, include_smoke=include_smoke)
+    points, _ = gather_points(results_dir, include_smoke=include_smoke)  # older runs: points from their own tables
     fig_path = results_dir / f"{FIGURE_NAME}.png"
     lines = ["## Pareto frontiers: speed vs quality", ""]
     if not points:
@@ -111,16 +111,17 @@ def _points_section(results_dir: Path, report_dir: Path, include_smoke: bool, fi
         from qlib.pareto import plot_frontiers
         from qlib.results import save_figure
 
-        fig = plot_frontiers(points)
+        fig = plot_frontiers(points, groups=group_by_metric(points))
         save_figure(fig, results_dir, FIGURE_NAME)
         plt.close(fig)
         lines += [f"![Pareto frontiers]({_rel(fig_path, report_dir)})", ""]
-    lines.append("Speedup is against fp32 in the same run; quality only compares within one model. "
+    lines.append("Speedup is against fp32 in the same run; quality only compares within one model and metric. "
                  "A point is on the frontier when no other variant of its model is both faster and better.")
     lines.append("")
     rows = []
-    for model in sorted({p.model for p in points}):
-        group = [p for p in points if p.model == model]
+    groups = group_by_metric(points)  # quality compares only within one model and one metric
+    for key in sorted(groups):
+        group = groups[key]
         front = {id(p) for p in pareto_front(group)}
         for p in group:
             metric = p.quality_name[1:] if p.quality_name.startswith("-") else p.quality_name

@@ -3,7 +3,7 @@ import math
 import pytest
 
 from qlib.cost import (
-    ARITHMETIC_VERDICTS, BERT_BASE, LLAMA_7B, ROBERTA_BASE, article_checks_as_claims, break_even_months, business_case,
+    ARITHMETIC_VERDICTS, BERT_BASE, LLAMA_7B, ROBERTA_BASE, SMOLLM2_135M, article_checks_as_claims, decode_read_params, break_even_months, business_case,
     decode_roofline_tokens_per_s, decoder_params, encoder_params, hardware_table, kv_cache_bytes, load_prices,
     measure_cpu_bandwidth, monthly_cost, plot_sensitivity, recompute_article, roofline_table, sensitivity,
     serving_cost, total_cost_of_ownership, weight_only_bytes,
@@ -97,6 +97,7 @@ def test_roofline_table_fits_and_skips_unmeasured():
 def test_measure_cpu_bandwidth_is_plausible():
     gbps = measure_cpu_bandwidth(size_mb=64, reps=3)
     assert 0.5 < gbps < 2000
+    assert 0.5 < measure_cpu_bandwidth(size_mb=16, reps=3, best=True) < 2000
 
 
 def test_serving_cost_rounds_up_instances():
@@ -131,3 +132,23 @@ def test_sensitivity_varies_one_argument_at_a_time():
     matplotlib.use("Agg")
     ax = plot_sensitivity(sensitivity(lambda a, b: a * b, {"a": 2.0, "b": 3.0}, {"a": [1.0, 4.0], "b": [2.0, 5.0]}))
     assert [t.get_text() for t in ax.get_yticklabels()] == ["b", "a"]        # widest bar (a: 9) on top
+
+
+def test_smollm2_architecture_matches_the_measured_model():
+    params = decoder_params(**SMOLLM2_135M)
+    assert sum(params.values()) == 134_515_008                                 # 00_baselines counts 134,515,008
+    assert sum(decoder_params(**{**SMOLLM2_135M, "kv_hidden": None}).values()) > 134_515_008  # GQA matters
+    read = decode_read_params(params)
+    assert read["lm_head"] == params["embedding"] and "embedding" not in read   # tied head read whole, lookup not
+    assert weight_only_bytes(read, 32, float_bytes=4) == pytest.approx(538.06e6, rel=1e-4)
+    # packed INT8 (qlib): linears and the untied head at 8 bits, the embedding table stays fp32 in the file
+    file_int8 = weight_only_bytes({**read, "embedding": params["embedding"]}, 8, float_bytes=4, quantize=("linear", "lm_head"))
+    assert file_int8 == pytest.approx(248_330_088, rel=0.01)                   # 01_int8_ptq's measured file bytes
+    untied = decode_read_params(decoder_params(**LLAMA_7B))
+    assert untied["lm_head"] == 32000 * 4096
+
+
+def test_calibration_cost_is_compared_with_the_articles_gptq_time(checks):
+    row = checks["calibration cost per model"]
+    assert row["value"] == pytest.approx(4.10 * 45 / 60)
+    assert row["verdict"] == "unexplained" and "65-130×" in row["note"]

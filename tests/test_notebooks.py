@@ -54,8 +54,54 @@ def check_03_sym_vs_asym(m):
     assert d[(gelu, "asym")]["sqnr_4bit_db"] > d[(gelu, "sym")]["sqnr_4bit_db"]  # skewed tensor: zero-point helps
 
 
+def _dominates(a, b):
+    """a is at least as good as b in quality and speedup and better in one."""
+    return a["quality"] >= b["quality"] and a["speedup"] >= b["speedup"] and (a["quality"], a["speedup"]) != (b["quality"], b["speedup"])
+
+
+def check_06_accuracy_budget(m):
+    assert any(r["notebook"] == "01_int8_ptq" and r["points"] > 0 for r in m["inventory"])   # committed full run read
+    assert m["model_name_checks"] and all(r["match"] for r in m["model_name_checks"])         # derived names fit 00's bytes
+    for key, f in m["frontiers"].items():
+        pts = {p["method"]: p for p in f["points"]}
+        for name in f["speed"]:                      # frontier points are non-dominated ...
+            assert not any(_dominates(q, pts[name]) for q in pts.values()), (key, name)
+        for name in set(pts) - set(f["speed"]):      # ... and every other point is dominated by one
+            assert any(_dominates(q, pts[name]) for q in pts.values()), (key, name)
+    assert m["decisions"], "a worked example per zoo model"
+    for key, d in m["decisions"].items():
+        budget = d["assumptions"]["max_quality_drop"]
+        within = [r for r in d["candidates"] if r["quality_drop"] <= budget + 1e-12]
+        assert d["chosen"]["quality_drop"] <= budget + 1e-12
+        assert d["chosen"]["total_monthly"] == min(r["total_monthly"] for r in within), key
+        for r in d["candidates"]:                    # infra + errors + one-time add up; whole instances
+            assert abs(r["total_monthly"] - r["infra_monthly"] - r["error_monthly"] - r["one_time_monthly"]) < 1e-6
+            assert r["instances"] >= 1 and r["instances"] == int(r["instances"])
+
+
+def check_11_cost(m):
+    c = {r["item"]: r for r in m["article_checks"]}
+    assert abs(c["four-A100 hourly"]["value"] - 16.40) < 1e-9 and abs(c["one-A100 monthly"]["value"] - 2952) < 1e-6
+    assert abs(c["LLaMA cost reduction"]["value"] - 75.0) < 1e-9
+    assert c["BERT-large monthly saving"]["verdict"] == "does not add up"    # $1,340 is ten instances' saving
+    assert m["smollm2_params"]["architecture"] == 134_515_008                 # the architecture model counts SmolLM2 exactly
+    for r in m["roofline_llama7b"] + m["roofline_smollm2"]:
+        assert abs(r["tokens_per_s_bound"] - r["bandwidth_GBps"] / r["model_GB"]) < 1e-6 * r["tokens_per_s_bound"]
+    assert {r["hardware"] for r in m["roofline_llama7b"]} >= {"A100-40GB", "H100-SXM", "T4", "RTX-4090", "this-cpu"}
+    assert m["cpu"]["read_bandwidth_GBps"] > 0.5
+    rows = m["decode_vs_roofline"]
+    assert {r["format"] for r in rows} >= {"fp32", "int8", "int4"}
+    for r in rows:
+        assert abs(r["read MB/token"] / r["read MB (architecture)"] - 1) < 0.12, r   # measured bytes fit the architecture
+        if r["format"] != "fp32":                     # smaller formats are faster, but not beyond the bytes they save
+            assert 1.0 < r["speedup measured"] <= 1.1 * r["speedup bound"], r
+    llama = next(r for r in m["business_cases"] if r["case"].startswith("LLaMA"))
+    assert abs(llama["break-even months"] - llama["one-time $"] / (llama["before $/mo"] - llama["after $/mo"])) < 1e-9
+
+
 # Notebook-specific checks on smoke metrics; notebooks without an entry get the generic checks only.
 CHECKS = {"00_baselines": check_00_baselines, "01_int8_ptq": check_01_int8_ptq, "03_sym_vs_asym": check_03_sym_vs_asym}
+CHECKS.update({"06_accuracy_budget": check_06_accuracy_budget, "11_cost": check_11_cost})
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])

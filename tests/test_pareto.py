@@ -3,7 +3,10 @@ import json
 import numpy as np
 import pytest
 
-from qlib.pareto import Point, choose_config, pareto_front, pareto_mask, plot_frontier, plot_frontiers, points_from_results
+from qlib.pareto import (
+    Point, choose_config, disambiguate, gather_points, group_by_metric, int8_ptq_points, pareto_front, pareto_mask, plot_frontier,
+    plot_frontiers, points_from_results, relative_loss_pct,
+)
 
 
 def P(method, quality, speedup, model="m", bits=8, name="accuracy", nbytes=None):
@@ -144,3 +147,70 @@ def test_plot_frontier_draws_one_scatter_and_one_step_per_model():
     assert len(visible) == 2 and visible[1].yaxis_inverted()          # perplexity shown raw, axis flipped
     assert len(ax.texts) == 3                                         # one label per method
     plt.close("all")
+
+
+def test_choose_config_refuses_mixed_metrics_and_prices_errors_at_break_even():
+    with pytest.raises(ValueError, match="one quality metric"):
+        choose_config([P("fp32", 0.9, 1.0, bits=32), P("int8", 0.9, 2.0, name="f1")], **_costs())
+    pts = [P("fp32", 0.90, 1.0, bits=32), P("int8", 0.88, 2.0), P("same", 0.90, 2.0)]
+    out = choose_config(pts, **_costs(max_quality_drop=0.05))
+    rows = {r["method"]: r for r in out["candidates"]}
+    # int8 saves 3,650/month of infra and drops 0.02 on 1e6 requests: errors cost the same at 3,650 / 20,000 each
+    assert rows["int8"]["break_even_error_cost"] == pytest.approx(3_650 / (1e6 * 0.02))
+    assert rows["same"]["break_even_error_cost"] == float("inf") and rows["fp32"]["break_even_error_cost"] == 0.0
+    at_break_even = choose_config(pts[:2], **_costs(max_quality_drop=0.05, error_cost_per_unit_drop=3_650 / 20_000))
+    int8 = next(r for r in at_break_even["candidates"] if r["method"] == "int8")
+    assert int8["total_monthly"] == pytest.approx(at_break_even["baseline"]["total_monthly"])
+
+
+def test_relative_loss_is_signed_percent_for_both_metric_directions():
+    base, q = P("fp32", 0.90, 1.0), P("int8", 0.891, 2.0)
+    assert relative_loss_pct(q, base) == pytest.approx(1.0)
+    lm_base = Point.from_metric("lm", "fp32", 32, 60.0, "perplexity", 1.0)
+    assert relative_loss_pct(Point.from_metric("lm", "w4", 4, 61.2, "perplexity", 3.0), lm_base) == pytest.approx(2.0)
+    assert relative_loss_pct(Point.from_metric("lm", "w8", 8, 59.4, "perplexity", 2.0), lm_base) == pytest.approx(-1.0)
+    with pytest.raises(ValueError, match="one metric"):
+        relative_loss_pct(q, lm_base)
+
+
+def test_group_by_metric_and_disambiguate():
+    a = [P("fp32", 0.9, 1.0, model="clf"), P("int8", 0.89, 2.0, model="clf")]
+    lm = [Point.from_metric("lm", "fp32", 32, 60, "perplexity nyt", 1.0, source="01"),
+          Point.from_metric("lm", "fp32", 32, 60, "perplexity nyt", 1.0, source="04"),
+          Point.from_metric("lm", "fp32", 32, 30, "perplexity shakespeare", 1.0, source="04")]
+    groups = group_by_metric(a + lm)
+    assert list(groups) == ["clf", "lm · perplexity nyt", "lm · perplexity shakespeare"]
+    assert [p.method for p in disambiguate(groups["lm · perplexity nyt"])] == ["fp32 [01]", "fp32 [04]"]
+    assert [p.method for p in disambiguate(a)] == ["fp32", "int8"]               # unique names stay as they are
+
+
+def test_int8_ptq_points_keep_real_kernels_only():
+    nan = float("nan")
+    clf = [{"variant": "fp32", "accuracy": 0.85, "real_kernel": True, "bytes": 90.0, "speedup b1": 1.0},
+           {"variant": "torch dynamic int8", "accuracy": 0.84, "real_kernel": True, "bytes": 58.0, "speedup b1": 2.1},
+           {"variant": "qlib W8A8 dynamic (sim)", "accuracy": 0.85, "real_kernel": False, "bytes": nan, "speedup b1": nan}]
+    dec = [{"variant": "fp32", "ppl": 65.0, "bytes": 538, "speedup": 1.0},
+           {"variant": "qlib int4 g128 (RTN)", "ppl": 95.0, "bytes": 191, "speedup": 2.8}]
+    pts = int8_ptq_points(clf, dec, "clf", "lm")
+    assert [(p.model, p.method, p.bits) for p in pts] == [("clf", "fp32", 32), ("clf", "torch dynamic int8", 8),
+                                                          ("lm", "fp32", 32), ("lm", "qlib int4 g128 (RTN)", 4.25)]
+    assert pts[-1].quality == -95.0 and pts[-1].quality_name == "-perplexity nyt" and pts[-1].bytes == 191
+    # the JSON form of a recorded table ("nan" strings) reads the same
+    assert int8_ptq_points([{**clf[2], "bytes": "nan", "speedup b1": "nan"}], [], "clf", "lm") == []
+
+
+def test_gather_points_derives_old_01_runs_and_lists_every_run(tmp_path):
+    clf = [{"variant": "fp32", "accuracy": 0.85, "real_kernel": True, "bytes": 90.0, "speedup b1": 1.0}]
+    d = tmp_path / "01_int8_ptq"
+    d.mkdir()
+    (d / "metrics.json").write_text(json.dumps({"notebook": "01_int8_ptq", "metrics": {"classifier": clf, "decode": []},
+                                                "claims": [], "provenance": {"smoke": False}}))
+    row = {"model": "m", "method": "int8", "bits": 8, "quality": 0.9, "quality_name": "accuracy", "speedup": 2.0}
+    _write(tmp_path, "04_gptq", [row])
+    _write(tmp_path, "05_awq", [row], smoke=True)
+    pts, inv = gather_points(tmp_path)
+    assert [(p.model, p.method, p.source) for p in pts] == [("minilm-sentiment", "fp32", "01_int8_ptq"), ("m", "int8", "04_gptq")]
+    assert [(r["notebook"], r["points"]) for r in inv] == [("01_int8_ptq", 1), ("04_gptq", 1), ("05_awq", 0)]
+    assert "derived" in inv[0]["how"] and "recorded" in inv[1]["how"] and "smoke" in inv[2]["how"]
+    assert gather_points(tmp_path, derive=False)[0] == pts[1:]
+    assert points_from_results(tmp_path) == pts[1:]                             # the plain reader never derives

@@ -80,3 +80,15 @@ def test_empty_results_lists_notebooks_not_run(tmp_path):
     text = build_report(tmp_path / "results", tmp_path / "nb")
     assert "No claims recorded yet." in text and "| 00_baselines | not run yet |" in text
     assert "| **total** | 0 |" in text
+
+
+def test_report_derives_points_of_runs_written_before_they_recorded_any(tmp_path):
+    root = tmp_path / "results"
+    _run(root, "01_int8_ptq", [_claim("x", "reproduced")])
+    metrics = root / "01_int8_ptq" / "metrics.json"
+    record = json.loads(metrics.read_text())
+    record["metrics"] = {"decode": [{"variant": "fp32", "ppl": 65.0, "bytes": 538_000_000, "speedup": 1.0},
+                                    {"variant": "qlib int8 weight-only", "ppl": 65.3, "bytes": 248_000_000, "speedup": 2.2}]}
+    metrics.write_text(json.dumps(record))
+    text = build_report(root, tmp_path, figure=False)
+    assert "| smollm2-135m | qlib int8 weight-only | 8 | perplexity nyt | 65.3 | 2.20× | 248.0 MB | 01_int8_ptq | yes |" in text
