@@ -14,9 +14,13 @@ Two separate steps, as llm-awq's ``run_awq`` / ``apply_awq``:
       for ``ratio`` in ``0, 1/n, ..., (n-1)/n``: ``s = clamp(x_mean ** ratio, 1e-4)``,
       ``s = s / sqrt(max(s) * min(s))``; each linear's weight becomes ``Q(W * s) / s`` (round to nearest at the
       config's bits / group / symmetry); score the MSE between the float output of ``inspect`` and the output
-      with those weights; the weights are restored after every trial. Keep the best ratio's ``s``. (A scored
-      module that takes no block kwargs, an MLP or the linears themselves, is token-wise: it runs once on all
-      tokens instead of once per batch; same loss, fewer small matmuls.)
+      with those weights; the weights are restored after every trial. Keep the best ratio's ``s``. The trials
+      dominate the cost (20 grid points x every token through attention and MLP, per block), so the loss is
+      computed with fewer FLOPs where that is exact in real arithmetic: a scored MLP runs once on all tokens;
+      batches with the same kwargs are stacked for attention; a group scored on its linears' own outputs
+      (``up_proj -> down_proj``) uses ``|X dW^T|^2 = sum((dW @ X^T X) * dW)`` with ``X^T X`` formed once, when the
+      calibration set has more tokens than the layer has inputs. The losses match the plain per-batch forward to
+      float rounding (~1e-7 relative).
       Every group of a block is searched on the unscaled block, then all are applied at once (llm-awq's
       ``auto_scale_block`` + ``apply_scale``); folding is exact in float, so the order changes only rounding.
    c. apply the scales to the block copy: fold ``1 / s`` into ``prev`` (a norm's weight and bias, or the output
@@ -68,6 +72,7 @@ FilterFn = Callable[[nn.Module, str], bool]
 NO_CLIP = ("q_proj", "k_proj", "query", "key", "Wqkv", "c_attn")  # llm-awq skips q/k (fused qkv too) in auto_clip
 SCALE_FLOOR = 1e-4  # llm-awq's clamp of x_mean ** ratio
 CLIP_ROW_CHUNK = 256  # output rows per clip-search chunk (bounds memory: rows x tokens x K)
+STACK_TOKENS = 4096  # tokens per stacked call when scoring attention (fewer, larger matmuls; same rows)
 RESULT_FILES = ("awq.safetensors", "awq.json")
 
 
@@ -251,13 +256,90 @@ def _group_forward(block: nn.Module, group: ScaleGroup, x: Tensor, kwargs: dict)
     return torch.cat([block.get_submodule(n)(x) for n in group.linears], dim=-1)
 
 
+def _same(a: Any, b: Any) -> bool:
+    """True if two block arguments are equal (tensors by shape, dtype and value; containers walked)."""
+    if isinstance(a, Tensor) or isinstance(b, Tensor):
+        return (isinstance(a, Tensor) and isinstance(b, Tensor) and a.shape == b.shape and a.dtype == b.dtype
+                and torch.equal(a, b))
+    if isinstance(a, (tuple, list)):
+        return type(a) is type(b) and len(a) == len(b) and all(map(_same, a, b))
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    return a is b or (isinstance(a, (bool, int, float, str)) and a == b)
+
+
 def _group_calls(block: nn.Module, group: ScaleGroup, xs: list[Tensor], kwargs_list: list[dict]) -> list[tuple[Tensor, dict]]:
-    """``(input, kwargs)`` calls that score a group: one call on all tokens when the scored module takes no block
-    kwargs (linears, an MLP: token-wise, so one large matmul instead of one per batch), else one per batch."""
+    """``(input, kwargs)`` calls that score a group.
+
+    Linears, or a module that takes no block kwargs (an MLP), are token-wise: one call on all tokens. Else batches are
+    stacked, ``STACK_TOKENS`` at a time, when they have the same shape and the same kwargs (the usual case:
+    unpadded windows of one length share mask and rotary tables), else one call per batch. Stacking changes
+    how many matmuls run, not what each row computes.
+    """
     mod = block.get_submodule(group.inspect) if group.inspect else None
     if mod is None or not any(_call_kwargs(mod, kw) for kw in kwargs_list):
         return [(_flatten(xs).to(xs[0].dtype), {})]
-    return list(zip(xs, kwargs_list))
+    shape, kw0 = xs[0].shape, kwargs_list[0]
+    if xs[0].dim() < 2 or shape[0] != 1 or any(x.shape != shape for x in xs) or not all(_same(kw, kw0) for kw in kwargs_list):
+        return list(zip(xs, kwargs_list))
+    per_call = max(1, STACK_TOKENS // shape[1])
+    return [(torch.cat(xs[i : i + per_call]), kw0) for i in range(0, len(xs), per_call)]
+
+
+def _output_loss(block: nn.Module, group: ScaleGroup, xs: list[Tensor], kwargs_list: list[dict],
+                 mods: dict[str, nn.Module], spec: ArchSpec) -> Callable[[dict[str, Tensor]], float]:
+    """``loss(weights)``: MSE of the scored output (``inspect`` module's, else the linears' own, concatenated) with
+    ``weights`` ({name: [out, in]}) put into ``mods``, against the float output; the weights are put back after."""
+    calls = _group_calls(block, group, xs, kwargs_list)
+    org = [_group_forward(block, group, x, kw) for x, kw in calls]
+    numel = sum(o.numel() for o in org)
+    saved = {n: linear_weight(m, spec).detach().clone() for n, m in mods.items()}
+
+    def loss(weights: dict[str, Tensor]) -> float:
+        try:
+            for n, w in weights.items():
+                set_linear_weight(mods[n], w, spec)
+            return sum((o - _group_forward(block, group, x, kw)).float().pow_(2).sum().item()
+                       for o, (x, kw) in zip(org, calls)) / numel
+        finally:
+            for n, m in mods.items():
+                set_linear_weight(m, saved[n], spec)
+    return loss
+
+
+def _gram_pays(block: nn.Module, group: ScaleGroup, xs: list[Tensor], spec: ArchSpec, n_grid: int) -> bool:
+    """True for a group scored on its linears' own outputs when the Gram route costs fewer multiply-adds.
+
+    Per trial: ``n * k * out`` through the linears, ``out * k * k`` with the Gram matrix (plus ``n * k * k`` once,
+    shared by the ``n_grid`` trials); the Gram route wins once the calibration set has more tokens than ~``k``.
+    """
+    if group.inspect:
+        return False
+    n = sum(x.numel() // x.shape[-1] for x in xs)
+    k = xs[0].shape[-1]
+    out = sum(linear_weight(block.get_submodule(name), spec).shape[0] for name in group.linears)
+    return n * k * out > out * k * k + n * k * k / n_grid
+
+
+def _gram_loss(block: nn.Module, group: ScaleGroup, xs: list[Tensor], mods: dict[str, nn.Module],
+               spec: ArchSpec) -> Callable[[dict[str, Tensor]], float]:
+    """``loss(weights)``: MSE of the group's linears' own outputs, from the Gram matrix of their shared input.
+
+    ``sum_t |x_t (W - W')^T|^2 = sum((dW @ X^T X) * dW)``: the same loss in real arithmetic, but one
+    [out, K] x [K, K] product per trial instead of an [n_tokens, K] x [K, out] one (n_tokens >> K).
+    """
+    x = _flatten(xs)
+    gram = x.T @ x  # [K, K], once per group
+    numel = x.shape[0] * sum(linear_weight(block.get_submodule(n), spec).shape[0] for n in group.linears)
+    ref = {n: linear_weight(m, spec).detach().float() for n, m in mods.items()}
+
+    def loss(weights: dict[str, Tensor]) -> float:
+        total = 0.0
+        for n, w in weights.items():
+            dw = w.float() - ref[n]
+            total += (dw @ gram).mul_(dw).sum().item()
+        return total / numel
+    return loss
 
 
 @torch.no_grad()
@@ -265,28 +347,22 @@ def search_group_scale(block: nn.Module, group: ScaleGroup, xs: list[Tensor], kw
                        spec: ArchSpec, config: AWQConfig, quantized: list[str]) -> tuple[Tensor, dict]:
     """Best ``s`` for one scale group and the search record (ratios, losses, best ratio, loss at ratio 0).
 
-    Only the linears in ``quantized`` are quantized in the trials; their weights are restored after each.
+    Only the linears in ``quantized`` are quantized in the trials; the block is left as it was. A group scored
+    on an ``inspect`` module runs that module per trial; a group scored on its linears' own outputs uses the
+    Gram matrix of their input when that is cheaper (``_gram_loss``: same loss, a fraction of the matmuls).
     """
-    calls = _group_calls(block, group, xs, kwargs_list)
-    org = [_group_forward(block, group, x, kw) for x, kw in calls]
-    numel = sum(o.numel() for o in org)
-    x_mean = act_mean(xs)
     mods = {n: block.get_submodule(n) for n in quantized}
-    saved = {n: linear_weight(m, spec).detach().clone() for n, m in mods.items()}
+    loss_of = (_gram_loss(block, group, xs, mods, spec) if _gram_pays(block, group, xs, spec, config.n_grid)
+               else _output_loss(block, group, xs, kwargs_list, mods, spec))
+    weights = {n: linear_weight(m, spec).detach().float() for n, m in mods.items()}
+    x_mean = act_mean(xs)
     losses, best = [], (math.inf, None, None)
-    try:
-        for ratio, s in scale_candidates(x_mean, config.n_grid):
-            for n, m in mods.items():
-                w = saved[n].float() * s.view(1, -1)
-                set_linear_weight(m, _qdq(w, config) / s.view(1, -1), spec)
-            loss = sum((o - _group_forward(block, group, x, kw)).float().pow(2).sum().item()
-                       for o, (x, kw) in zip(org, calls)) / numel
-            losses.append(loss)
-            if loss < best[0]:
-                best = (loss, ratio, s)
-    finally:
-        for n, m in mods.items():
-            set_linear_weight(m, saved[n], spec)
+    for ratio, s in scale_candidates(x_mean, config.n_grid):
+        row = s.view(1, -1)
+        loss = loss_of({n: _qdq(w * row, config) / row for n, w in weights.items()})
+        losses.append(loss)
+        if loss < best[0]:
+            best = (loss, ratio, s)
     if best[2] is None:
         raise RuntimeError(f"AWQ scale search for {group.linears} found no finite loss (losses {losses}); "
                            "check the calibration data and weights for NaN/Inf")

@@ -226,3 +226,47 @@ def test_config_validation_and_tag():
             AWQConfig(**bad)
     with pytest.raises(ValueError, match="does not divide"):
         awq_search(tiny_llama(), batches(1), AWQConfig(group_size=24, pad=False), progress=False)
+
+
+@pytest.mark.parametrize("lengths", [(32, 32, 32), (32, 24, 32)])  # equal: attention batches stacked; mixed: one call each
+def test_search_losses_equal_a_plain_forward_per_batch(lengths):
+    from qlib.arch import scale_groups_for
+    from qlib.awq import (_call_kwargs, _capture_linear_inputs, _gram_pays, act_mean, scale_candidates,
+                           search_group_scale)
+    from qlib.calib import block_output, capture_block_kwargs
+
+    model = tiny_llama(outliers=True)
+    data = [torch.randint(0, VOCAB, (1, n), generator=torch.Generator().manual_seed(i)) for i, n in enumerate(lengths)]
+    spec, cfg = arch_of(model), AWQConfig(bits=3, group_size=GROUP, n_grid=10)
+    xs, _ = capture_block_inputs(model, data, spec)
+    kws = capture_block_kwargs(model, data, spec)[0]
+    block = copy.deepcopy(get_blocks(model, spec)[0])
+    feats, _ = _capture_linear_inputs(block, list(spec.linears), xs, kws)
+    groups = scale_groups_for(block, spec)
+    gram = [_gram_pays(block, g, feats[g.linears[0]], spec, cfg.n_grid) for g in groups]
+    assert any(g.inspect for g in groups) and any(gram) and not all(gram)  # module outputs, Gram, and plain linears
+
+    def plain(group, x, kw):  # the scored output, one batch at a time, no shortcuts
+        if group.inspect:
+            mod = block.get_submodule(group.inspect)
+            return block_output(mod(x, **_call_kwargs(mod, kw)))
+        return torch.cat([block.get_submodule(n)(x) for n in group.linears], dim=-1)
+
+    with torch.no_grad():
+        for group in groups:
+            inputs = feats[group.linears[0]]
+            _, record = search_group_scale(block, group, inputs, kws, spec, cfg, list(group.linears))
+            org = [plain(group, x, kw) for x, kw in zip(inputs, kws)]
+            want = []
+            for _, s in scale_candidates(act_mean(inputs), cfg.n_grid):
+                mods = [block.get_submodule(n) for n in group.linears]
+                saved = [m.weight.detach().clone() for m in mods]
+                for m in mods:
+                    w = m.weight * s
+                    m.weight.copy_(quant_dequant(w, qparams(w, 3, False, GROUP, pad=True)) / s)
+                want.append(sum((o - plain(group, x, kw)).pow(2).sum().item() for o, x, kw in zip(org, inputs, kws))
+                            / sum(o.numel() for o in org))
+                for m, w in zip(mods, saved):
+                    m.weight.copy_(w)
+            assert record["losses"] == pytest.approx(want, rel=1e-4), group.prev
+            assert record["best_ratio"] == min(zip(want, range(len(want))))[1] / cfg.n_grid, group.prev
