@@ -99,9 +99,53 @@ def check_11_cost(m):
     assert abs(llama["break-even months"] - llama["one-time $"] / (llama["before $/mo"] - llama["after $/mo"])) < 1e-9
 
 
+def check_05_awq(m):
+    fp32 = m["fp32"]
+    for d in ("nyt", "shakespeare"):
+        assert _finite_between(fp32[f"ppl {d}"], 2.0, 1000.0), fp32
+    assert abs(fp32["qlib.eval.perplexity nyt"] / fp32["ppl nyt"] - 1) < 1e-6  # the one-pass evaluation is qlib.eval's ppl
+    lm = {(r["method"], r["config"]): r for r in m["lm"]}
+    for (method, config), r in lm.items():
+        if method != "FP32":
+            assert r["ppl nyt"] > fp32["ppl nyt"] and 0 < r["kl nyt"] and r["top1 nyt"] < 1, (method, config)
+    for config in {c for _, c in lm if c != "FP32"}:
+        assert lm[("AWQ", config)]["ppl nyt"] < lm[("RTN", config)]["ppl nyt"]  # even tiny calibration beats RTN here
+    assert {r["method"] for r in m["calibration_sweep"]} == {"GPTQ", "AWQ"} and len(m["domain_shift"]) == 4
+    assert all(0 <= g["best_ratio"] < 1 for g in m["awq_search"]["per_group_mean"])
+    dec = {next(k for k in ("packed", "fake-quant", "fp32") if k in r["variant"]): r for r in m["decode"]}
+    packed, fake = dec["packed"], dec["fake-quant"]  # the INT4 kernel computes what the fake-quant model did
+    assert packed["bytes"] < dec["fp32"]["bytes"] and abs(packed["ppl 1 window"] / fake["ppl 1 window"] - 1) < 0.05
+
+
+def check_09_onnx(m):
+    ex = {r["exporter"]: r for r in m["exports"]}
+    assert ex["dynamo"]["ok"] and ex["dynamo"]["max_abs_diff"] < 1e-3           # the exported classifier computes PyTorch's logits
+    clf = {r["variant"]: r for r in m["classifier"]}
+    fp32, dyn = clf["ort fp32"], clf["ort dynamic int8"]
+    assert fp32["agree_with_pytorch"] >= 0.99 and abs(fp32["accuracy"] - clf["pytorch fp32"]["accuracy"]) <= 0.01
+    assert dyn["bytes"] < 0.35 * fp32["bytes"]                                   # MatMul + Gather weights in one byte
+    assert abs(dyn["Δacc (pt)"]) < 5 and dyn["speedup b1"] > 0
+    lm = {(r["exporter"], tuple(r["inputs"])): r for r in m["lm_exports"]}
+    dynamo, legacy = lm[("dynamo", ("input_ids", "attention_mask"))], lm[("legacy", ("input_ids", "attention_mask"))]
+    assert dynamo["ok"] and dynamo["max_abs_diff"] < 1e-3
+    assert not lm[("legacy", ("input_ids",))]["ok"] and "aten::diff" in lm[("legacy", ("input_ids",))]["error"]
+    assert abs((legacy["bytes"] - dynamo["bytes"]) / (49152 * 576 * 4) - 1) < 0.05  # legacy stores the tied embedding twice
+    ppl = {r["variant"]: r for r in m["lm"]}
+    assert abs(ppl["ort fp32"]["ppl"] / ppl["pytorch fp32"]["ppl"] - 1) < 1e-3   # ORT perplexity = qlib.eval's on the same windows
+    assert ppl["ort int4 b128"]["bytes"] < ppl["ort fp32"]["bytes"] and ppl["ort int4 b128"]["matmul_nbits"] > 0
+    assert ppl["ort dynamic int8"]["size ratio"] < 0.5
+    rope = {(r["key"], r["exporter"]): r for r in m["rope"]}
+    assert rope[("shipped", "dynamo")]["ok"] and rope[("shipped", "legacy")]["ok"]
+    assert "aten::polar" in rope[("complex", "legacy")]["error"] and "complex" in rope[("complex", "dynamo")]["error"]
+    assert rope[("complex-bcast", "dynamo")]["ok"] and rope[("complex-bcast", "dynamo")]["ort_vs_pytorch_max_abs"] < 1e-3
+    assert all(r["pytorch_vs_shipped_max_abs"] < 1e-3 for r in m["rope"])       # the complex form is the same function
+
+
 # Notebook-specific checks on smoke metrics; notebooks without an entry get the generic checks only.
-CHECKS = {"00_baselines": check_00_baselines, "01_int8_ptq": check_01_int8_ptq, "03_sym_vs_asym": check_03_sym_vs_asym}
+CHECKS = {"00_baselines": check_00_baselines, "01_int8_ptq": check_01_int8_ptq, "03_sym_vs_asym": check_03_sym_vs_asym,
+          "05_awq": check_05_awq}
 CHECKS.update({"06_accuracy_budget": check_06_accuracy_budget, "11_cost": check_11_cost})
+CHECKS.update({"09_onnx": check_09_onnx})
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
