@@ -141,10 +141,24 @@ def check_09_onnx(m):
     assert all(r["pytorch_vs_shipped_max_abs"] < 1e-3 for r in m["rope"])       # the complex form is the same function
 
 
+def check_04_gptq(m):
+    lm = {(r["config"], r["method"]): r for r in m["lm"]}
+    fp32, gptq = lm[("FP32", "fp32")], lm[("W4 g128", "GPTQ")]
+    for r in lm.values():
+        assert _finite_between(r["ppl nyt"], 2.0, 1e4) and 0.0 <= r["kl"] < 5.0, r
+    assert fp32["kl"] < 1e-6 and fp32["top1_agreement"] == 1.0                  # FP32 against itself
+    dec = {r["variant"]: r for r in m["decode"]}
+    packed = dec["int4 g128 GPTQ (packed)"]
+    assert abs(packed["ppl (≤8 windows)"] / gptq["ppl nyt"] - 1) < 0.05        # the INT4 kernel runs the GPTQ codes faithfully
+    assert packed["bytes"] < dec["fp32"]["bytes"]
+    clf = {(r["config"], r["method"]): r for r in m["classifier"]}
+    assert clf[("FP32", "fp32")]["accuracy"] > 0.6 and clf[("W4 g128", "GPTQ")]["accuracy"] > 0.55
+
+
 # Notebook-specific checks on smoke metrics; notebooks without an entry get the generic checks only.
 CHECKS = {"00_baselines": check_00_baselines, "01_int8_ptq": check_01_int8_ptq, "03_sym_vs_asym": check_03_sym_vs_asym,
           "05_awq": check_05_awq}
-CHECKS.update({"06_accuracy_budget": check_06_accuracy_budget, "11_cost": check_11_cost})
+CHECKS.update({"04_gptq": check_04_gptq, "06_accuracy_budget": check_06_accuracy_budget, "11_cost": check_11_cost})
 CHECKS.update({"09_onnx": check_09_onnx})
 
 
