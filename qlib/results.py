@@ -97,8 +97,9 @@ def git_state(root: Path = REPO_ROOT) -> dict:
         out = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10)
         return out.stdout.strip() if out.returncode == 0 else ""
     sha = git("rev-parse", "HEAD")
-    dirty = bool(git("status", "--porcelain", "--untracked-files=no")) if sha else None
-    return {"git_sha": sha or None, "git_dirty": dirty}
+    changed = git("diff", "HEAD", "--name-only").splitlines() if sha else []
+    # which tracked files differed, so a reader can tell whether the code behind the numbers did
+    return {"git_sha": sha or None, "git_dirty": bool(changed) if sha else None, "git_dirty_paths": changed[:50]}
 
 
 def package_versions(names: Iterable[str] = PACKAGES) -> dict[str, str | None]:

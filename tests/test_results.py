@@ -71,3 +71,18 @@ def test_save_figure(tmp_path):
     run = Run(tmp_path / "02_fig")
     path = run.figure(fig, "line")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_git_state_names_the_changed_tracked_files(tmp_path):
+    import subprocess
+
+    from qlib.results import git_state
+    def git(*a):
+        subprocess.run(["git", *a], cwd=tmp_path, check=True, capture_output=True)
+    git("init", "-q"); git("config", "user.email", "t@t"); git("config", "user.name", "t")
+    (tmp_path / "a.py").write_text("x = 1\n"); (tmp_path / "b.py").write_text("y = 2\n")
+    git("add", "."); git("commit", "-qm", "init")
+    assert git_state(tmp_path)["git_dirty"] is False and git_state(tmp_path)["git_dirty_paths"] == []
+    (tmp_path / "b.py").write_text("y = 3\n"); (tmp_path / "new.py").write_text("")   # untracked files do not count
+    state = git_state(tmp_path)
+    assert state["git_dirty"] is True and state["git_dirty_paths"] == ["b.py"]
