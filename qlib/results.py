@@ -113,14 +113,14 @@ def package_versions(names: Iterable[str] = PACKAGES) -> dict[str, str | None]:
     return versions
 
 
-def provenance(*, seed: int, smoke: bool, wall_s: float | None = None) -> dict:
+def provenance(*, seed: int, smoke: bool, wall_s: float | None = None, git: dict | None = None) -> dict:
     """Everything needed to tell where a number came from."""
     import torch
 
     from qlib.bench import cpu_info
 
     return {
-        **git_state(),
+        **(git if git is not None else git_state()),   # a run passes the state it started from
         "timestamp_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "python": platform.python_version(),
         "platform": platform.platform(),
@@ -139,14 +139,14 @@ def validate_claims(claims: Iterable[Claim | dict]) -> list[dict]:
 
 
 def write_metrics(out_dir: Path, metrics: dict, claims: Iterable[Claim | dict], *, seed: int, smoke: bool,
-                  wall_s: float | None = None, notebook: str | None = None) -> Path:
+                  wall_s: float | None = None, notebook: str | None = None, git: dict | None = None) -> Path:
     """Write ``<out_dir>/metrics.json`` with metrics, validated claims and provenance; returns its path."""
     out_dir = Path(out_dir)
     record = {
         "notebook": notebook or out_dir.name,
         "metrics": metrics,
         "claims": validate_claims(claims),
-        "provenance": provenance(seed=seed, smoke=smoke, wall_s=wall_s),
+        "provenance": provenance(seed=seed, smoke=smoke, wall_s=wall_s, git=git),
     }
     return write_json(out_dir / "metrics.json", record)
 
@@ -193,6 +193,7 @@ class Run:
         self.metrics: dict[str, Any] = {}
         self.started = time.perf_counter()
         self._partial = self.out_dir / "metrics.partial.json"
+        self.git = git_state()  # the code the run started from; HEAD may move while a long run goes on
 
     def log(self, key: str, value: Any) -> Any:
         """Record one result under ``key`` and save the partial metrics at once."""
@@ -207,6 +208,6 @@ class Run:
     def finish(self, claims: Iterable[Claim | dict] = ()) -> Path:
         """Write the final metrics.json with claims and provenance."""
         path = write_metrics(self.out_dir, self.metrics, claims, seed=self.seed, smoke=self.smoke,
-                             wall_s=time.perf_counter() - self.started)
+                             wall_s=time.perf_counter() - self.started, git=self.git)
         self._partial.unlink(missing_ok=True)
         return path

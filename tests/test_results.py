@@ -86,3 +86,13 @@ def test_git_state_names_the_changed_tracked_files(tmp_path):
     (tmp_path / "b.py").write_text("y = 3\n"); (tmp_path / "new.py").write_text("")   # untracked files do not count
     state = git_state(tmp_path)
     assert state["git_dirty"] is True and state["git_dirty_paths"] == ["b.py"]
+
+
+def test_run_records_the_commit_it_started_from(tmp_path, monkeypatch):
+    import qlib.results as results
+    states = iter([{"git_sha": "start", "git_dirty": False, "git_dirty_paths": []},
+                   {"git_sha": "moved", "git_dirty": True, "git_dirty_paths": ["x.py"]}])
+    monkeypatch.setattr(results, "git_state", lambda *a, **k: next(states))
+    run = results.Run(tmp_path / "nb", seed=0, smoke=True)     # HEAD moves while the run goes on ...
+    prov = read_metrics(run.finish([Claim("c", "a", "m", "partly")]))["provenance"]
+    assert prov["git_sha"] == "start" and prov["git_dirty"] is False   # ... the record keeps where it started
