@@ -22,7 +22,7 @@ import dataclasses
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -298,20 +298,31 @@ def _quantize_kwargs(config: GPTQConfig) -> dict[str, Any]:
 
 def gptq_quantize_model(model: nn.Module, calib_batches: Iterable, config: GPTQConfig,
                         filter_fn: Callable[[nn.Module, str], bool] | None = None,
-                        progress: bool = True) -> dict[str, GPTQResult]:
+                        progress: bool = True, layer_configs: Mapping[str, GPTQConfig] | None = None,
+                        ) -> dict[str, GPTQResult]:
     """GPTQ every linear inside the blocks of ``model`` (in place, fake-quant) and return ``{fqn: GPTQResult}``.
 
     ``calib_batches``: tensors of input ids [batch, seq] or dicts of model inputs. ``filter_fn(module, fqn)``
     picks layers among the block linears (default: all). Layers outside the blocks (``lm_head``) are left
     alone, as in the reference. Each result's ``weight_dq`` is a view of the layer's new weight (no copy).
+    ``layer_configs`` ``{fqn: GPTQConfig}`` gives some layers their own bits / group / solver settings (mixed
+    precision, ``qlib.mixed``); the others, and the block-level choice ``true_sequential``, follow ``config``.
     """
     if not isinstance(config, GPTQConfig):
         raise TypeError(f"config must be a GPTQConfig, got {type(config).__name__}")
+    layer_configs = dict(layer_configs or {})
+    bad = [f for f, c in layer_configs.items() if not isinstance(c, GPTQConfig)]
+    if bad:
+        raise TypeError(f"layer_configs[{bad[0]!r}] is a {type(layer_configs[bad[0]]).__name__}; pass GPTQConfig values")
     calib = list(calib_batches) if calib_batches is not None else []
     if not calib:
         raise ValueError("GPTQ needs calibration data: pass calib=[batch, ...] (e.g. qlib.calib.calib_batches_from_text)")
     spec = arch_of(model)
     path, blocks = blocks_path(model, spec), get_blocks(model, spec)
+    unknown = sorted(set(layer_configs) - {f"{path}.{b}.{n}" for b in range(len(blocks)) for n in spec.linears})
+    if unknown:
+        raise ValueError(f"layer_configs names {unknown[:3]}, which are not linears inside the blocks {path}.*; "
+                         "use names like f'{path}.0.{spec.linears[0]}'")
     groups = spec.sequential if config.true_sequential else (spec.linears,)
     was_training = model.training
     model.eval()
@@ -330,7 +341,7 @@ def gptq_quantize_model(model: nn.Module, calib_batches: Iterable, config: GPTQC
                 solvers = {n: GPTQ(linear_weight(m, spec)) for n, m in chosen.items()}
                 _accumulate_hessians(block, chosen, solvers, inputs, kws)
                 for n, m in chosen.items():
-                    res = solvers.pop(n).quantize(**_quantize_kwargs(config))
+                    res = solvers.pop(n).quantize(**_quantize_kwargs(layer_configs.get(f"{path}.{b}.{n}", config)))
                     set_linear_weight(m, res.weight_dq, spec)
                     results[f"{path}.{b}.{n}"] = dataclasses.replace(res, weight_dq=linear_weight(m, spec).detach())
             inputs = run_block(block, inputs, kws)  # the next block sees the quantized block's outputs

@@ -162,6 +162,39 @@ CHECKS.update({"04_gptq": check_04_gptq, "06_accuracy_budget": check_06_accuracy
 CHECKS.update({"09_onnx": check_09_onnx})
 
 
+def check_12_beyond(m):
+    sens = m["sensitivity"]
+    assert len(sens) >= 7 and all(0 < r["w4g128"] < 1 for r in sens.values())  # one 4-bit layer: small, positive KL
+    for r in m["transfer_check"]["rows"]:  # KL carried over by output error lands near the directly measured KL
+        if r["measured"] > 1e-6:
+            assert 0.25 < r["transferred"] / r["measured"] < 4, r
+    for a in m["allocations"]:  # the DP stays within the real-byte budget and beats the uniform plan on its own loss
+        assert a["exact"] and a["plan bytes"] <= a["budget bytes"] and a["predicted loss"] <= a["uniform predicted loss"]
+    mx = {(r["method"], r["variant"]): r for r in m["mixed_vs_uniform"]}
+    for r in mx.values():
+        assert _finite_between(r["ppl nyt"], 2.0, 1000.0) and _finite_between(r["ppl shakespeare"], 2.0, 1000.0), r
+    for method in ("RTN", "GPTQ"):
+        u, x = mx[(method, "uniform W4 g128")], mx[(method, "mixed @ W4 g128 bytes")]
+        assert x["bytes"] <= u["bytes"] and x["kl"] < 1.2 * u["kl"], (method, x, u)
+    sub = {(r["method"], r["variant"]): r for r in m["sub4"]}
+    for method in ("RTN", "GPTQ", "AWQ"):  # 3 bits lose more than RTN at 4 bits, and store the same real bytes here
+        w3 = sub[(method, "W3 g128")]
+        assert w3["kl"] > mx[("RTN", "uniform W4 g128")]["kl"] and w3["real bytes"] == mx[("RTN", "uniform W4 g128")]["bytes"]
+    dec = {r["variant"]: r for r in m["decode"]}
+    for name, r in dec.items():
+        if name != "fp32":
+            assert r["block linear bytes"] < 0.2 * dec["fp32"]["block linear bytes"] and r["tokens_per_s"] > 0, r
+    assert len(m["points"]) == len(dec) and all(p["speedup"] > 0 for p in m["points"])
+    kl = {r["format"]: r["kl"] for r in m["fp8_lm"]}
+    assert kl["INT8 W (ch)"] < kl["FP8 E4M3 W (ch)"] < kl["FP8 E5M2 W (ch)"]  # per channel, INT8's even grid is finer
+    assert kl["FP8 E4M3 W+A (per-tensor)"] < 0.5 * kl["INT8 W+A (per-tensor)"]  # outlier activations: FP8's range wins
+    clf = {r["format"]: r for r in m["fp8_classifier"]}
+    assert all(abs(r["Δacc (pt)"]) < 10 for r in clf.values())
+
+
+CHECKS.update({"12_beyond": check_12_beyond})
+
+
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
 def test_source_notebook_is_clean(path):
     nb = nbformat.read(path, as_version=4)
