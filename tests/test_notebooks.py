@@ -155,6 +155,37 @@ def check_04_gptq(m):
     assert clf[("FP32", "fp32")]["accuracy"] > 0.6 and clf[("W4 g128", "GPTQ")]["accuracy"] > 0.55
 
 
+def check_08_lstm(m):
+    fp32 = {r["model"]: r for r in m["fp32"]}
+    for r in fp32.values():
+        assert 0.0 <= r["f1"] <= 1.0 and r["threshold"] > 0 and r["params"] > 1000, r
+    q = {(r["model"], r["variant"]): r for r in m["detector_quantized"]}
+    assert abs(q[("bilstm", "ort fp32")]["f1"] - fp32["bilstm"]["f1"]) < 0.01          # the ONNX export is the same detector
+    assert q[("bilstm", "torch dynamic int8")]["size ratio"] < 0.45                       # LSTM + Linear weights in int8
+    for kind in ("bilstm", "mlp"):
+        assert abs(q[(kind, "qlib W8 (RTN per row)")]["Δf1 (pt)"]) < 3, kind             # 8-bit weights: F1 as in FP32
+    mods = m["dynamic_int8_modules"]
+    assert mods["bare_root_lstm_type_after_quantize_dynamic"] == "torch.nn.modules.rnn.LSTM"   # the silent skip
+    assert {"LSTM", "Linear"} <= set(mods["detector_swapped"]["bilstm"]) and mods["onnx_ops_int8"]["DynamicQuantizeLSTM"] > 0
+    comp = {(r["lstm"], r["variant"]): r for r in m["compounding"]}
+    for lname in {k[0] for k in comp}:                                                    # fewer bits, larger state error
+        assert comp[(lname, "W8")]["rel err median"] < comp[(lname, "W4")]["rel err median"] < comp[(lname, "W2")]["rel err median"]
+        for v in ("dynamic int8", "W8", "W4", "W2"):
+            assert 0.3 < comp[(lname, v)]["accumulated / local (median)"] < 100 and comp[(lname, v)]["steps"] >= 100
+    conv = m["char_conversion"]
+    assert conv["max_abs_diff_vs_numpy_keras_cell"] < 1e-4 and 460_000 < conv["params"] < 466_000
+    char = {r["variant"]: r for r in m["char_lstm"]}
+    assert 1.5 < char["fp32"]["ppl"] < 15 and conv["ppl_naive_transpose"] > 10 * char["fp32"]["ppl"]   # the layout matters
+    assert char["qlib W8 (per row)"]["ppl_ratio"] < 1.03 and char["torch dynamic int8"]["ppl_ratio"] < 1.15
+    assert char["qlib W4 (per row)"]["ppl_ratio"] > char["qlib W8 (per row)"]["ppl_ratio"]
+    assert char["qlib W4 g32"]["ppl_ratio"] < char["qlib W4 (per row)"]["ppl_ratio"]     # smaller groups, smaller loss
+    tp = {(r["variant"], r["batch"]): r for r in m["throughput"]}
+    batches = sorted({b for _, b in tp})
+    assert all(r["windows_per_s"] > 0 for r in tp.values())
+    assert tp[("ort fp32", batches[-1])]["windows_per_s"] > tp[("ort fp32", batches[0])]["windows_per_s"]  # batching pays
+    assert len(m["headline"]["compounding_slopes_int8"]) == 2
+
+
 # Notebook-specific checks on smoke metrics; notebooks without an entry get the generic checks only.
 CHECKS = {"00_baselines": check_00_baselines, "01_int8_ptq": check_01_int8_ptq, "03_sym_vs_asym": check_03_sym_vs_asym,
           "05_awq": check_05_awq}
@@ -193,6 +224,7 @@ def check_12_beyond(m):
 
 
 CHECKS.update({"12_beyond": check_12_beyond})
+CHECKS.update({"08_lstm": check_08_lstm})
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
