@@ -156,3 +156,20 @@ def test_onnx_export_matches_pytorch(tmp_path) -> None:
     out = lstm.ort_predict(ort_session(path, threads=1))(x.numpy())  # another batch size: dynamic batch
     with torch.inference_mode():
         np.testing.assert_allclose(out, det(x).numpy(), atol=1e-5)
+
+
+def test_timed_rounds_cpu_clock_leaves_out_waiting() -> None:
+    import time
+
+    fns = {"sleep": lambda: time.sleep(0.02)}
+    wall = lstm.timed_rounds(fns, rounds=1, reps=2, warmup=0, clock="wall")["sleep"]
+    cpu = lstm.timed_rounds(fns, rounds=1, reps=2, warmup=0, clock="cpu")["sleep"]
+    assert wall >= 0.02 and cpu < 0.005  # a sleeping process waits without using the CPU
+    with pytest.raises(ValueError, match="clock"):
+        lstm.timed_rounds(fns, clock="gpu")
+
+
+def test_average_precision_and_threshold_spread() -> None:
+    labels = np.array([0, 0, 1, 1, 0, 0])
+    assert lstm.average_precision(np.array([0.1, 0.2, 0.9, 0.8, 0.3, 0.0]), labels) == pytest.approx(1.0)
+    assert lstm.average_precision(np.array([0.9, 0.8, 0.1, 0.2, 0.3, 0.0]), labels) < 0.5
