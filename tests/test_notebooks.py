@@ -227,6 +227,28 @@ CHECKS.update({"12_beyond": check_12_beyond})
 CHECKS.update({"08_lstm": check_08_lstm})
 
 
+def check_10_libraries(m):
+    rows = {r["recipe"]: r for r in m["recipes"]}
+    fp32 = rows["FP32 (PyTorch eager)"]
+    ran = [r for name, r in rows.items() if name != fp32["recipe"] and r["ok"]]
+    assert len(ran) >= 9                                                   # every CPU-capable recipe ran
+    for r in ran:                                                          # every weight-quantized recipe is smaller
+        assert r["bytes"] < fp32["bytes"], r["recipe"]
+        assert 0 <= r["kl"] < 1.0 and r["prefill_speedup"] > 0, r["recipe"]
+    w8 = [rows[n] for n in ("torchao INT8 weight-only", "qlib W8 (int8pack)", "bitsandbytes LLM.int8()")]
+    assert all(r["kl"] < 0.02 and r["top1"] > 0.95 for r in w8)           # INT8 weight-only: close to FP32
+    assert rows["torch.ao dynamic INT8"]["kl"] > 5 * rows["torchao INT8 weight-only"]["kl"]  # per-tensor activations hurt
+    kls = list(m["rtn_w4_agreement"]["kl"].values())                       # three RTN W4 g64 asym implementations agree
+    assert len(kls) == 3 and max(kls) / min(kls) < 1.25 and m["rtn_w4_agreement"]["ppl_max_over_min"] < 1.05
+    assert max(kls) > 2 * max(r["kl"] for r in w8)                         # ... and 4 bits cost more than 8
+    assert rows["bitsandbytes NF4"]["lines"] <= 3 and rows["bitsandbytes LLM.int8()"]["lines"] <= 3
+    assert any("torch.ao.quantization" in d["message"] and "torchao" in d["migration"] for d in m["deprecations"])
+    assert len(m["torchao_int4_formats"]) >= 3 and all(f["ok"] or f["error"] for f in m["torchao_int4_formats"])
+
+
+CHECKS.update({"10_libraries": check_10_libraries})
+
+
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
 def test_source_notebook_is_clean(path):
     nb = nbformat.read(path, as_version=4)
