@@ -83,6 +83,10 @@ def ste_fake_quant(x: Tensor, scale: Tensor, zero: Tensor, qmax: int, grad_scale
     d/dx is 1 inside the representable range and 0 outside; d/dscale is ``round(x/s) - x/s`` inside and
     ``q - zero`` (the clipped code) outside, times ``grad_scale``. ``scale``/``zero`` broadcast against ``x``.
     """
+    if not (torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad)):
+        with torch.no_grad():  # evaluation: the quant-dequant alone, in place (same operations, same values)
+            t = x / scale
+            return t.round_().add_(zero).clamp_(0, qmax).sub_(zero).mul_(scale)
     s = scale if grad_scale == 1.0 else (scale - scale * grad_scale).detach() + scale * grad_scale
     xs = x / s
     with torch.no_grad():
@@ -224,11 +228,13 @@ def scale_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 
 def train(model: nn.Module, loss_of: Callable[[Any], Tensor], batches: Sequence, lr: float, *,
-          weight_decay: float = 0.0, warmup: int = 0, seed: int = 0,
+          scale_lr: float | None = None, weight_decay: float = 0.0, warmup: int = 0, seed: int = 0,
           eval_fn: Callable[[nn.Module], float] | None = None, eval_at: Iterable[int] = (),
           progress: bool = True, desc: str = "QAT") -> list[dict]:
     """AdamW over ``batches`` (one step each, linear warm-up then linear decay to 0), seeded; returns the history.
 
+    ``scale_lr`` gives the learned (LSQ) scales their own learning rate (default: ``lr``); Adam's per-parameter
+    normalisation makes LSQ's gradient scale matter less than under the paper's SGD, so a larger one helps them move.
     ``eval_fn(model) -> metric`` runs (in eval mode, not timed) before the steps listed in ``eval_at`` (0 = before
     training, ``len(batches)`` = after the last step). Each history row: step, metric, loss (mean since the previous
     row), train_s (cumulative training seconds, evaluation excluded).
@@ -239,8 +245,13 @@ def train(model: nn.Module, loss_of: Callable[[Any], Tensor], batches: Sequence,
     if lr <= 0:
         raise ValueError(f"lr={lr!r} must be positive")
     torch.manual_seed(seed)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    scales = {id(p) for p in scale_parameters(model)}
+    params = [p for p in model.parameters() if p.requires_grad and id(p) not in scales]
+    groups = [{"params": params}]
+    if scales:
+        groups.append({"params": [p for p in scale_parameters(model) if p.requires_grad], "lr": scale_lr or lr,
+                       "weight_decay": 0.0})
+    opt = torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
     warm = max(warmup, 0)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda i: (i + 1) / warm if i < warm else max(0.0, (steps - i) / max(1, steps - warm)))

@@ -186,6 +186,42 @@ def check_08_lstm(m):
     assert len(m["headline"]["compounding_slopes_int8"]) == 2
 
 
+def check_02_ptq_vs_qat(m):
+    assert m["step0_matches_ptq"] is True                                  # QAT step 0 is the PTQ model, bit for bit
+    ptq = {r["variant"]: r for r in m["ptq"]}
+    fp32 = ptq["FP32"]["accuracy"]
+    assert 0.6 < fp32 <= 1.0
+    assert abs(ptq["W8A8, per-channel weights"]["Δacc (pt)"]) < 5            # 8-bit PTQ: close to FP32
+    target = m["headline"]["target"]
+    assert ptq[target]["accuracy"] <= ptq["W8A8, per-channel weights"]["accuracy"] + 0.02  # 4-bit per-tensor: no better
+    for scales, hist in m["qat_curves"].items():
+        assert hist[0]["step"] == 0 and abs(hist[0]["metric"] - ptq[target]["accuracy"]) < 1e-12, scales
+        assert hist[-1]["train_s"] > 0 and all(0 <= r["metric"] <= 1 for r in hist)
+    assert m["cost"]["qat_over_fp32_step"] > 0.5 and m["cost"]["epochs"] > 0
+    lm = {r["variant"]: r for r in m["lm"]}
+    assert lm["FP32"]["ppl"] > 1.0 and all(r["ppl"] < float("inf") for r in lm.values())  # smoke: a 2-layer LM, huge ppl
+    assert lm["W8 weight-only (per-channel)"]["ppl_ratio"] < 1.05           # 8-bit weights alone: near lossless
+
+
+def check_07_cnn(m):
+    for r in m["folding"]:                                                 # BN folding exact in float, every BN folded
+        assert r["folded"] == r["bn_layers"] and r["bn_left"] == 0 and r["max_rel_diff"] < 1e-4, r
+    fold = {r["model"]: r for r in m["folding"]}
+    assert fold["efficientnet-lite0"]["bn_layers"] == 49 and fold["efficientnet-lite0"]["depthwise_folded"] > 0
+    r = {(x["weight_bits"], x["variant"]): x for x in m["resnet_ptq"]}
+    assert abs(r[(8, "BN folded, per-channel")]["Δacc (pt)"]) < 3                # 8-bit per-channel: close to FP32
+    assert m["resnet_qat"]["qat_step0_accuracy"] == m["resnet_qat"]["ptq_accuracy"]  # QAT starts at PTQ
+    e = {(x["weight_bits"], x["variant"]): x for x in m["effnet_ptq"]}
+    # per-channel moves EfficientNet's output less than per-tensor (depthwise convs, BN spread)
+    assert e[(8, "BN folded, per-channel")]["kl"] < e[(8, "BN folded, per-tensor")]["kl"]
+    assert e[(8, "naive (BN separate), per-tensor")]["bn_multipliers_zeroed"] > 0
+    ort = {(x["model"], x["variant"]): x for x in m["ort"]}
+    q = ort[("efficientnet-lite0", "ort int8 (QDQ)")]
+    assert q["quantize_nodes"] > 0 and q["size_ratio"] < 0.5                  # INT8 weights: about a quarter of the bytes
+    rq, rf = ort[("fmnist-resnet", "ort int8 (QDQ)")], ort[("fmnist-resnet", "ort fp32")]
+    assert abs(rq["accuracy"] - rf["accuracy"]) < 0.05 and rf["max_abs_vs_torch_first64"] < 1e-3
+
+
 # Notebook-specific checks on smoke metrics; notebooks without an entry get the generic checks only.
 CHECKS = {"00_baselines": check_00_baselines, "01_int8_ptq": check_01_int8_ptq, "03_sym_vs_asym": check_03_sym_vs_asym,
           "05_awq": check_05_awq}
@@ -247,6 +283,7 @@ def check_10_libraries(m):
 
 
 CHECKS.update({"10_libraries": check_10_libraries})
+CHECKS.update({"02_ptq_vs_qat": check_02_ptq_vs_qat, "07_cnn": check_07_cnn})
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
