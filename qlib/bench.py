@@ -175,6 +175,30 @@ def decode_tokens_per_s(
     }
 
 
+def timed_rounds(fns: dict[str, Callable[[], Any]], rounds: int = 3, reps: int = 5, warmup: int = 1,
+                 clock: str = "wall") -> dict[str, float]:
+    """Median seconds per call of each function, the functions interleaved in ``rounds`` (a shared machine drifts).
+
+    ``clock="cpu"`` times the process's CPU seconds instead of wall seconds: with one thread that is the compute
+    itself, without the time spent waiting for a core on a machine shared with other jobs."""
+    if rounds < 1 or reps < 1:
+        raise ValueError(f"rounds={rounds} and reps={reps} must both be >= 1.")
+    if clock not in ("wall", "cpu"):
+        raise ValueError(f"clock must be 'wall' or 'cpu' (got {clock!r}).")
+    now = time.perf_counter if clock == "wall" else time.process_time
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(rounds):
+        for k, fn in fns.items():
+            for _ in range(reps):
+                t0 = now()
+                fn()
+                times[k].append(now() - t0)
+    return {k: float(np.median(v)) for k, v in times.items()}
+
+
 def _rss_bytes() -> int:
     """Resident set size of this process, from /proc/self/statm."""
     with open("/proc/self/statm") as f:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import copy
 import json
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -34,6 +33,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from qlib import data, fetch
+from qlib.bench import timed_rounds  # noqa: F401  (notebook 08 times through lstm.timed_rounds)
 from qlib.eval import f1
 from qlib.primitives import rtn
 
@@ -467,23 +467,3 @@ def char_perplexity(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_si
     return {"ppl": float(np.exp(nll / len(y))), "nll": nll / len(y), "top1": correct / len(y), "n": len(y)}
 
 
-def timed_rounds(fns: dict[str, Callable[[], Any]], rounds: int = 3, reps: int = 5, warmup: int = 1,
-                 clock: str = "wall") -> dict[str, float]:
-    """Median seconds per call of each function, the functions interleaved in ``rounds`` (a shared machine drifts).
-
-    ``clock="cpu"`` times the process's CPU seconds instead of wall seconds: with one thread that is the compute
-    itself, without the time spent waiting for a core on a machine shared with other jobs."""
-    if clock not in ("wall", "cpu"):
-        raise ValueError(f"clock must be 'wall' or 'cpu' (got {clock!r}).")
-    now = time.perf_counter if clock == "wall" else time.process_time
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(rounds):
-        for k, fn in fns.items():
-            for _ in range(reps):
-                t0 = now()
-                fn()
-                times[k].append(now() - t0)
-    return {k: float(np.median(v)) for k, v in times.items()}

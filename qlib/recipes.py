@@ -30,6 +30,8 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 from torch import Tensor, nn
 
+from qlib.bench import timed_rounds
+
 # ----------------------------------------------------------------------------------------------------- context
 
 
@@ -583,19 +585,7 @@ def save_and_reload(model: nn.Module, probe_ids: Tensor, reload: bool = True,
 
 def interleaved_median(fns: dict[str, Callable[[], Any]], rounds: int = 3, warmup: int = 1) -> dict[str, float]:
     """Median seconds of each zero-argument callable, run in turn within each round (drift hits all alike)."""
-    if rounds < 1:
-        raise ValueError(f"rounds={rounds} must be >= 1")
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(rounds):
-        for k, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[k].append(time.perf_counter() - start)
-    return {k: float(sorted(v)[len(v) // 2]) if len(v) % 2 else float(sum(sorted(v)[len(v) // 2 - 1: len(v) // 2 + 1]) / 2)
-            for k, v in times.items()}
+    return timed_rounds(fns, rounds=rounds, reps=1, warmup=warmup)
 
 
 def greedy_decode_fn(model: nn.Module, prompt: Tensor, new_tokens: int) -> Callable[[], Tensor]:
