@@ -18,7 +18,7 @@ def test_ste_forward_is_quant_dequant_and_gradient_is_one_inside_zero_outside():
     x = (torch.randn(16, 64, generator=g) * 2).requires_grad_()
     for bits, sym, gran in ((4, True, "tensor"), (4, False, "channel"), (8, False, "tensor"), (3, True, "channel")):
         qp = qparams(x.detach() * 0.5, bits, sym, gran)  # a narrower range: some values fall outside it
-        scale = qp.scale if gran == "tensor" else qp.scale  # [16, 1] per channel broadcasts against [16, 64]
+        scale = qp.scale  # per channel its [16, 1] shape broadcasts against [16, 64]
         y = ste_fake_quant(x, scale, qp.zero, qp.qmax)
         assert torch.equal(y.detach(), quant_dequant(x.detach(), qp))  # bit-identical forward
         (gx,) = torch.autograd.grad((y * 3.0).sum(), x)
