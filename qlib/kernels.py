@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -411,6 +412,7 @@ def pack_model(model: nn.Module, bits: int = 4, group_size: int | None = 128, sy
             _set_module(model, f, new)
     if tied:
         _untie_config(model, tied)
+    _guard_save_pretrained(model)
     return model
 
 
@@ -441,7 +443,106 @@ def pack_quantized(model: nn.Module, quantized: dict[str, tuple[Tensor, QParams]
             _set_module(model, f, cls.from_codes(codes, qp, lin.bias, act_dtype, in_features=lin.in_features))
     if tied:
         _untie_config(model, tied)
+    _guard_save_pretrained(model)
     return model
+
+
+# --------------------------------------------------------------------------------------------------
+# saving and loading packed models
+
+PACKED_FILE = "qlib_packed.pt"  # state dict (torch.save; loaded with weights_only=True)
+PACKED_INDEX = "qlib_packed.json"  # which modules are packed, how, and the model class
+_DTYPES = {str(d).removeprefix("torch."): d for d in KERNEL_DTYPES}
+
+
+def packed_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """The Int4/Int8WeightOnlyLinear modules of ``model`` by dotted name."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, (Int4WeightOnlyLinear, Int8WeightOnlyLinear))}
+
+
+def _refuse_save_pretrained(*args: Any, **kwargs: Any) -> None:
+    raise RuntimeError("this model has qlib packed layers: save it with qlib.kernels.save_packed(model, folder) and "
+                       "load it with qlib.kernels.load_packed(folder). transformers' save_pretrained would write the "
+                       "folder, but from_pretrained would rebuild plain nn.Linear layers with newly initialized weights "
+                       "and compute something else")
+
+
+def _guard_save_pretrained(model: nn.Module) -> None:
+    """Make ``model.save_pretrained`` (a Hugging Face model's) raise a clear error instead of writing a folder that
+    reloads into float layers with random weights; ``save_packed`` is the way to save a packed model."""
+    if callable(getattr(model, "save_pretrained", None)):
+        object.__setattr__(model, "save_pretrained", _refuse_save_pretrained)
+
+
+def save_packed(model: nn.Module, folder: str | Path) -> Path:
+    """Write a packed model to ``folder``: its state dict (packed codes, scales, zeros and every float tensor) with
+    ``torch.save``, an index of the packed layers (``qlib_packed.json``) and, for a Hugging Face model, its config.
+
+    ``load_packed(folder)`` rebuilds it. The int4 layout depends on the CPU capability torch dispatches to (recorded;
+    loading on another capability raises). Returns the folder.
+    """
+    import json
+
+    layers = packed_layers(model)
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no packed layers; pack it first (pack_model / pack_quantized), "
+                         "or save a float model the usual way")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    index = {"format": 1, "torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+             "model_class": f"{type(model).__module__}.{type(model).__qualname__}", "layers": {}}
+    for name, m in layers.items():
+        entry = {"kind": "int4" if isinstance(m, Int4WeightOnlyLinear) else "int8", "in_features": m.in_features,
+                 "out_features": m.out_features, "bias": m.bias is not None,
+                 "act_dtype": str(m.act_dtype).removeprefix("torch.")}
+        if isinstance(m, Int4WeightOnlyLinear):
+            entry["group_size"] = m.group_size
+        index["layers"][name] = entry
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "save_pretrained"):
+        config.save_pretrained(str(folder))
+    torch.save(model.state_dict(), folder / PACKED_FILE)
+    (folder / PACKED_INDEX).write_text(json.dumps(index, indent=1))
+    return folder
+
+
+def load_packed(folder: str | Path, base: nn.Module | None = None) -> nn.Module:
+    """Rebuild a model written by :func:`save_packed`; returns it in eval mode.
+
+    ``base``: a float model of the same architecture to load into (changed in place), needed for models that are
+    not Hugging Face models; by default the architecture comes from the saved config and model class (weights are
+    initialized and then overwritten, so this costs one model construction).
+    """
+    import importlib
+    import json
+
+    folder = Path(folder)
+    if not (folder / PACKED_INDEX).is_file():
+        raise FileNotFoundError(f"{folder} has no {PACKED_INDEX}; it was not written by qlib.kernels.save_packed")
+    index = json.loads((folder / PACKED_INDEX).read_text())
+    if index.get("format") != 1:
+        raise ValueError(f"{folder / PACKED_INDEX} has format {index.get('format')!r}; this qlib reads format 1")
+    if base is None:
+        if not (folder / "config.json").is_file():
+            raise ValueError(f"{folder} holds no config.json (the model was not a Hugging Face model); pass base=, a "
+                             "float model of the same architecture")
+        from transformers import AutoConfig
+
+        module_name, _, cls_name = index["model_class"].rpartition(".")
+        cls = getattr(importlib.import_module(module_name), cls_name)
+        config = AutoConfig.from_pretrained(str(folder))
+        base = cls._from_config(config) if hasattr(cls, "_from_config") else cls(config)
+    for name, e in index["layers"].items():
+        dtype = _DTYPES[e["act_dtype"]]
+        if e["kind"] == "int4":
+            new = Int4WeightOnlyLinear(e["in_features"], e["out_features"], e["group_size"], e["bias"], dtype)
+        else:
+            new = Int8WeightOnlyLinear(e["in_features"], e["out_features"], e["bias"], dtype)
+        _set_module(base, name, new)
+    state = torch.load(folder / PACKED_FILE, map_location="cpu", weights_only=True)
+    base.load_state_dict(state, strict=True)  # int4 layers check the CPU capability here
+    _guard_save_pretrained(base)
+    return base.eval()
 
 
 # --------------------------------------------------------------------------------------------------

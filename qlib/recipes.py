@@ -30,6 +30,7 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 from torch import Tensor, nn
 
+from qlib import kernels
 from qlib.bench import timed_rounds
 
 # ----------------------------------------------------------------------------------------------------- context
@@ -526,9 +527,11 @@ def save_and_reload(model: nn.Module, probe_ids: Tensor, reload: bool = True,
                     fix: Callable[[nn.Module], str] | None = None) -> dict:
     """Serialize a quantized PyTorch model into a temporary folder and read it back; nothing is left on disk.
 
-    ``save_pretrained`` first (the Hugging Face way); when it fails, its error is recorded and the state dict is
-    written with ``torch.save`` instead, so ``bytes`` is always the size of what could be saved. A saved folder is
-    reloaded with ``AutoModelForCausalLM.from_pretrained`` and its logits on ``probe_ids`` [1, L] compared.
+    ``save_pretrained`` first (the Hugging Face way); when it fails, its error is recorded and a model with qlib packed
+    layers is written with ``qlib.kernels.save_packed`` (reloaded with ``load_packed``), any other with
+    ``torch.save(state_dict)``, so ``bytes`` is always the size of what could be saved. A saved folder is
+    reloaded (``AutoModelForCausalLM.from_pretrained`` or ``load_packed``) and its logits on ``probe_ids`` [1, L]
+    compared.
     ``fix(model) -> str`` (e.g. :func:`drop_calibration_rows`) is applied and the save retried when the first fails.
     """
     import tempfile
@@ -557,6 +560,9 @@ def save_and_reload(model: nn.Module, probe_ids: Tensor, reload: bool = True,
                     out["fix_error"] = error_text(exc2, 200)
         if out["saved_with"]:
             out["bytes"] = dir_bytes(folder)
+        elif kernels.packed_layers(model):  # qlib's packed models have their own save/load
+            kernels.save_packed(model, folder)
+            out["saved_with"], out["bytes"] = "qlib.kernels.save_packed", dir_bytes(folder)
         else:
             try:
                 torch.save(model.state_dict(), Path(tmp) / "state_dict.pt")
@@ -569,7 +575,8 @@ def save_and_reload(model: nn.Module, probe_ids: Tensor, reload: bool = True,
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                again = AutoModelForCausalLM.from_pretrained(str(folder), device_map="cpu").eval()
+                again = (kernels.load_packed(folder) if out["saved_with"] == "qlib.kernels.save_packed" else
+                         AutoModelForCausalLM.from_pretrained(str(folder), device_map="cpu").eval())
             a, b = _logits_of(model, probe_ids), _logits_of(again, probe_ids)
             out["reload_max_abs_logit_diff"] = float((a - b).abs().max())
             out["reload_same_argmax"] = float((a.argmax(-1) == b.argmax(-1)).float().mean())

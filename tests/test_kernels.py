@@ -247,3 +247,39 @@ def test_pack_model_rejects_bad_input():
         pack_model(_tiny_llama(), bits=8, symmetric=False)
     with pytest.raises(ValueError, match="no nn.Linear"):
         pack_model(_tiny_llama(), filter_fn=lambda m, fqn: False)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_save_packed_round_trip_and_save_pretrained_refused(tmp_path, bits):
+    from qlib.kernels import load_packed, packed_layers, save_packed
+
+    model = pack_model(_tiny_llama(), bits=bits, group_size=32, progress=False)
+    with pytest.raises(RuntimeError, match="save_packed"):  # it would reload as float layers with random weights
+        model.save_pretrained(str(tmp_path / "hf"))
+    save_packed(model, tmp_path / "packed")
+    again = load_packed(tmp_path / "packed")
+    assert set(packed_layers(again)) == set(packed_layers(model)) and again.config.tie_word_embeddings is False
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        assert torch.equal(again(ids).logits, model(ids).logits)
+    assert packed_bytes(again) == packed_bytes(model)
+    with pytest.raises(RuntimeError, match="save_packed"):
+        again.save_pretrained(str(tmp_path / "hf2"))
+    # a plain (non-HF) module loads into a float base of the same architecture
+    plain = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 16))
+    packed = pack_model(copy.deepcopy(plain), bits=bits, group_size=32, progress=False)
+    save_packed(packed, tmp_path / "seq")
+    with pytest.raises(ValueError, match="base="):
+        load_packed(tmp_path / "seq")
+    x = torch.randn(3, 64)
+    with torch.inference_mode():
+        assert torch.equal(load_packed(tmp_path / "seq", base=copy.deepcopy(plain))(x), packed(x))
+
+
+def test_save_packed_rejects_bad_input(tmp_path):
+    from qlib.kernels import load_packed, save_packed
+
+    with pytest.raises(ValueError, match="no packed layers"):
+        save_packed(_tiny_llama(), tmp_path / "x")
+    with pytest.raises(FileNotFoundError, match="save_packed"):
+        load_packed(tmp_path)
