@@ -280,6 +280,8 @@ def check_10_libraries(m):
     assert rows["bitsandbytes NF4"]["lines"] <= 3 and rows["bitsandbytes LLM.int8()"]["lines"] <= 3
     assert any("torch.ao.quantization" in d["message"] and "torchao" in d["migration"] for d in m["deprecations"])
     assert len(m["torchao_int4_formats"]) >= 3 and all(f["ok"] or f["error"] for f in m["torchao_int4_formats"])
+    for name in ("qlib W8 (int8pack)", "qlib RTN W4 g64 (int4pack)"):             # qlib's packed models save and reload
+        assert rows[name]["saved_with"] == "qlib.kernels.save_packed" and rows[name]["reload"] == "ok", rows[name]
 
 
 CHECKS.update({"10_libraries": check_10_libraries})
