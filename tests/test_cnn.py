@@ -122,6 +122,19 @@ def test_ort_image_export_and_qdq_close_to_torch(tmp_path):
     out = ort_image_logits(qs, x)
     assert np.abs(out - ref).max() / np.abs(ref).max() < 0.2
     assert op_counts(q).get("QuantizeLinear", 0) >= 4 and "QuantizeLinear" not in op_counts(path)
+    # reduce_range keeps weights on 7 bits (the x86 U8S8 saturation remedy); the default uses the full int8 range
+    import onnx
+    from onnx import numpy_helper
+
+    def int8_weight_range(p):
+        ws = [numpy_helper.to_array(t) for t in onnx.load(str(p)).graph.initializer if t.data_type == onnx.TensorProto.INT8]
+        return min(int(w.min()) for w in ws if w.size > 1), max(int(w.max()) for w in ws if w.size > 1)
+
+    reader.rewind()
+    q7 = quantize_static_qdq(path, tmp_path / "q7.onnx", reader, reduce_range=True)
+    lo, hi = int8_weight_range(q7)
+    assert lo >= -64 and hi <= 64  # ORT's symmetric 7-bit grid
+    assert max(-int8_weight_range(q)[0], int8_weight_range(q)[1]) > 100
 
 
 def test_augmented_views_deterministic():

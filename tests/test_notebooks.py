@@ -220,6 +220,8 @@ def check_07_cnn(m):
     assert q["quantize_nodes"] > 0 and q["size_ratio"] < 0.5                  # INT8 weights: about a quarter of the bytes
     rq, rf = ort[("fmnist-resnet", "ort int8 (QDQ)")], ort[("fmnist-resnet", "ort fp32")]
     assert abs(rq["accuracy"] - rf["accuracy"]) < 0.05 and rf["max_abs_vs_torch_first64"] < 1e-3
+    rr = ort[("fmnist-resnet", "ort int8 (QDQ, reduce_range)")]                # 7-bit weights: no U8S8 saturation
+    assert abs(rr["accuracy"] - rf["accuracy"]) < 0.05 and rr["size_ratio"] < 0.5 and rr["speedup_b1"] > 0
 
 
 # Notebook-specific checks on smoke metrics; notebooks without an entry get the generic checks only.
