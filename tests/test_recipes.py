@@ -124,14 +124,11 @@ def test_save_fix_is_applied_before_the_retry():
 
 
 def test_packed_model_saved_with_save_packed_and_reloads_exactly():
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from test_arch import tiny_llama
 
     from qlib.kernels import pack_model
 
-    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
-                      num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True)
-    torch.manual_seed(0)
-    model = pack_model(LlamaForCausalLM(cfg).eval(), bits=8, progress=False)
+    model = pack_model(tiny_llama(), bits=8, progress=False)
     out = recipes.save_and_reload(model, torch.arange(12).view(1, 12))
     assert out["save_pretrained"].startswith("RuntimeError") and "save_packed" in out["save_pretrained"]
     assert out["saved_with"] == "qlib.kernels.save_packed" and out["reload"] == "ok"
