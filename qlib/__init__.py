@@ -1,2 +1,54 @@
-"""Quantization Lab: the shared code behind the notebooks."""
+"""Quantization Lab: the shared code behind the notebooks.
+
+The package is laid out by role; imports flow one way (a test checks it):
+
+- ``qlib.quant``    what quantization *is*: primitives, configs, ``quantize_`` and its handler registry,
+                    fake-quant modules, packed INT8/INT4 kernels, FP8. Depends on no other part of qlib.
+- ``qlib.methods``  how models get quantized: the architecture table, calibration capture, GPTQ, AWQ, QAT,
+                    mixed precision, CNN folding, recurrent models. Each method registers its own handler.
+- ``qlib.lab``      the experiment harness: paths, fetch, data, the model zoo, evaluation, benchmark, results,
+                    the notebook runner.
+- ``qlib.analysis`` Pareto frontiers and the decision function, the cost model, the claims report.
+- ``qlib.tools``    reference-library wrappers, library recipes, ONNX utilities, the environment doctor.
+
+``import qlib`` is cheap: the names below load their module on first use, so ``qlib.quantize_`` works as in
+torchao while ``python -m qlib fetch`` does not import torch.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+
 __version__ = "0.1.0"
+
+# The lab runs offline: no model hub, no dataset server (the only place these are set).
+for _k, _v in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}.items():
+    os.environ.setdefault(_k, _v)
+
+_EXPORTS = {  # public name -> module that defines it
+    "quantize_": "qlib.quant.api", "select_linears": "qlib.quant.api",
+    "QuantConfig": "qlib.quant.config", "RTNConfig": "qlib.quant.config", "W8A8Config": "qlib.quant.config",
+    "GPTQConfig": "qlib.quant.config", "AWQConfig": "qlib.quant.config",
+    "FP8Config": "qlib.quant.fp8", "QATConfig": "qlib.methods.qat",
+    "pack_model": "qlib.quant.kernels", "pack_quantized": "qlib.quant.kernels",
+    "save_packed": "qlib.quant.kernels", "load_packed": "qlib.quant.kernels",
+    "gptq_quantize_model": "qlib.methods.gptq", "awq_search": "qlib.methods.awq", "awq_apply": "qlib.methods.awq",
+    "load_lm": "qlib.lab.models", "load_classifier": "qlib.lab.models", "load_encoder": "qlib.lab.models",
+    "Run": "qlib.lab.results", "Claim": "qlib.lab.results",
+}
+_SUBPACKAGES = ("quant", "methods", "lab", "analysis", "tools")
+__all__ = sorted(_EXPORTS) + list(_SUBPACKAGES)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    if name in _SUBPACKAGES:
+        return importlib.import_module(f"qlib.{name}")
+    raise AttributeError(f"module 'qlib' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

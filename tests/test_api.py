@@ -1,4 +1,4 @@
-"""Tests for qlib.api.quantize_ and qlib.config: layer selection, RTN, W8A8 dynamic/static, validation."""
+"""Tests for qlib.quant.api.quantize_ and qlib.quant.config: layer selection, RTN, W8A8 dynamic/static, validation."""
 from __future__ import annotations
 
 import copy
@@ -9,11 +9,11 @@ import pytest
 import torch
 from torch import nn
 
-from qlib import api
-from qlib.api import default_filter, quantize_, register
-from qlib.config import QuantConfig, RTNConfig, W8A8Config
-from qlib.fakequant import QuantLinear
-from qlib.primitives import rtn, sqnr_db
+from qlib.quant import api
+from qlib.quant.api import default_filter, quantize_, register
+from qlib.quant.config import QuantConfig, RTNConfig, W8A8Config
+from qlib.quant.fakequant import QuantLinear
+from qlib.quant.primitives import rtn, sqnr_db
 
 torch.set_num_threads(1)
 

@@ -1,4 +1,4 @@
-"""qlib.arch (the family table) and qlib.calib (block-input capture, block-by-block replay) on tiny models."""
+"""qlib.methods.arch (the family table) and qlib.methods.calib (block-input capture, block-by-block replay) on tiny models."""
 from __future__ import annotations
 
 import pytest
@@ -7,9 +7,9 @@ from torch import nn
 from transformers import (BertConfig, BertForSequenceClassification, BertModel, Gemma3ForCausalLM, Gemma3TextConfig,
                           GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM)
 
-from qlib.arch import (ARCHS, arch_of, blocks_path, get_blocks, linear_weight, scale_groups_for, set_linear_weight,
+from qlib.methods.arch import (ARCHS, arch_of, blocks_path, get_blocks, linear_weight, scale_groups_for, set_linear_weight,
                        supported_model_types)
-from qlib.calib import calib_batches_from_text, capture_block_inputs, capture_block_kwargs, run_block
+from qlib.methods.calib import calib_batches_from_text, capture_block_inputs, capture_block_kwargs, run_block
 
 V = 97
 

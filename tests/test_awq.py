@@ -1,4 +1,4 @@
-"""Tests for qlib.awq: exact folding, AWQ beats RTN on planted outliers, ratio 0 is RTN, search/apply apart, errors."""
+"""Tests for qlib.methods.awq: exact folding, AWQ beats RTN on planted outliers, ratio 0 is RTN, search/apply apart, errors."""
 from __future__ import annotations
 
 import copy
@@ -9,12 +9,12 @@ import torch
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from qlib.api import quantize_
-from qlib.arch import ARCHS, arch_of, get_blocks, linear_weight
-from qlib.awq import AWQResult, apply_clips, apply_scales, awq_apply, awq_search, fold_scales, search_clip
-from qlib.calib import capture_block_inputs, run_block
-from qlib.config import AWQConfig, RTNConfig
-from qlib.primitives import dequantize, group_index, qparams, quant_dequant
+from qlib.quant.api import quantize_
+from qlib.methods.arch import ARCHS, arch_of, get_blocks, linear_weight
+from qlib.methods.awq import AWQResult, apply_clips, apply_scales, awq_apply, awq_search, fold_scales, search_clip
+from qlib.methods.calib import capture_block_inputs, run_block
+from qlib.quant.config import AWQConfig, RTNConfig
+from qlib.quant.primitives import dequantize, group_index, qparams, quant_dequant
 
 torch.set_num_threads(1)
 VOCAB, HIDDEN, GROUP = 96, 64, 32
@@ -160,7 +160,7 @@ def test_apply_clips_clamps_each_group_to_its_searched_value():
 
 @pytest.mark.parametrize("symmetric,group_size", [(False, 32), (True, 32), (False, 48), (False, None)])
 def test_search_quantizer_is_bit_identical_to_primitives(symmetric: bool, group_size: int | None):
-    from qlib.awq import _qdq
+    from qlib.methods.awq import _qdq
 
     w = torch.randn(40, 80, generator=torch.Generator().manual_seed(0)) * torch.rand(80) * 3  # 80 = 48 + 32: short group
     cfg = AWQConfig(bits=3, group_size=group_size, symmetric=symmetric)
@@ -187,7 +187,7 @@ def test_clip_search_never_increases_partial_output_error():
 
 
 def test_quantize_entry_point_gqa_and_packing():
-    from qlib.kernels import pack_quantized
+    from qlib.quant.kernels import pack_quantized
 
     model = tiny_llama(kv_heads=2, outliers=True)  # grouped-query attention: v_proj -> o_proj cannot be scaled
     ids = torch.cat(batches(2, seed=50))
@@ -230,10 +230,10 @@ def test_config_validation_and_tag():
 
 @pytest.mark.parametrize("lengths", [(32, 32, 32), (32, 24, 32)])  # equal: attention batches stacked; mixed: one call each
 def test_search_losses_equal_a_plain_forward_per_batch(lengths):
-    from qlib.arch import scale_groups_for
-    from qlib.awq import (_call_kwargs, _capture_linear_inputs, _gram_pays, act_mean, scale_candidates,
+    from qlib.methods.arch import scale_groups_for
+    from qlib.methods.awq import (_call_kwargs, _capture_linear_inputs, _gram_pays, act_mean, scale_candidates,
                            search_group_scale)
-    from qlib.calib import block_output, capture_block_kwargs
+    from qlib.methods.calib import block_output, capture_block_kwargs
 
     model = tiny_llama(outliers=True)
     data = [torch.randint(0, VOCAB, (1, n), generator=torch.Generator().manual_seed(i)) for i, n in enumerate(lengths)]

@@ -1,4 +1,4 @@
-"""Tests for qlib.bench: timing statistics, decode speed harness, peak memory, bytes on disk, parameter counts."""
+"""Tests for qlib.lab.bench: timing statistics, decode speed harness, peak memory, bytes on disk, parameter counts."""
 from __future__ import annotations
 
 import os
@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from qlib import bench
+from qlib.lab import bench
 
 torch.set_num_threads(1)
 

@@ -1,4 +1,4 @@
-"""Tests for qlib.cnn: BN folding is exact in float (ResNet and depthwise blocks), PTQ variants, ORT image export, QAT on a CNN."""
+"""Tests for qlib.methods.cnn: BN folding is exact in float (ResNet and depthwise blocks), PTQ variants, ORT image export, QAT on a CNN."""
 import copy
 
 import numpy as np
@@ -7,11 +7,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qlib.cnn import (ImageCalibrationReader, QuantBatchNorm, augmented_views, bn_multipliers, count_bn, export_image_onnx,
+from qlib.methods.cnn import (ImageCalibrationReader, QuantBatchNorm, augmented_views, bn_multipliers, count_bn, export_image_onnx,
                       find_conv_bn_pairs, fold_bn, fold_conv_bn, max_rel_diff, ort_image_logits, quantize_cnn,
                       zeroed_bn_multipliers)
-from qlib.models import SmallResNet, _efficientnet_lite0_arch
-from qlib.qat import QATConfig, prepare_qat, train
+from qlib.lab.models import SmallResNet, _efficientnet_lite0_arch
+from qlib.methods.qat import QATConfig, prepare_qat, train
 
 
 def _randomise_bn(model, seed=0, spread=1.0):
@@ -105,7 +105,7 @@ def test_ptq_variants_on_planted_channel_spread():
 def test_ort_image_export_and_qdq_close_to_torch(tmp_path):
     import onnxruntime as ort
 
-    from qlib.onnx_utils import op_counts, quantize_static_qdq
+    from qlib.tools.onnx_utils import op_counts, quantize_static_qdq
 
     torch.manual_seed(0)
     model = _randomise_bn(SmallResNet(widths=(8, 8, 8)))

@@ -2,13 +2,13 @@ import math
 
 import pytest
 
-from qlib.cost import (
+from qlib.analysis.cost import (
     ARITHMETIC_VERDICTS, BERT_BASE, LLAMA_7B, ROBERTA_BASE, SMOLLM2_135M, article_checks_as_claims, decode_read_params, break_even_months, business_case,
     decode_roofline_tokens_per_s, decoder_params, encoder_params, hardware_table, kv_cache_bytes, load_prices,
     measure_cpu_bandwidth, monthly_cost, plot_sensitivity, recompute_article, roofline_table, sensitivity,
     serving_cost, total_cost_of_ownership, weight_only_bytes,
 )
-from qlib.results import validate_claims
+from qlib.lab.results import validate_claims
 
 
 @pytest.fixture(scope="module")

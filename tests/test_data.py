@@ -1,4 +1,4 @@
-"""Tests for qlib.fetch and qlib.data: verified sources, disjoint and fixed splits, loader shapes."""
+"""Tests for qlib.lab.fetch and qlib.lab.data: verified sources, disjoint and fixed splits, loader shapes."""
 from __future__ import annotations
 
 import gzip
@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from qlib import data, fetch
+from qlib.lab import data, fetch
 
 
 @pytest.mark.parametrize("domain", data.TEXT_DOMAINS)
@@ -190,7 +190,7 @@ def test_gz_files_are_verified_by_content_not_by_compression(tmp_path: Path) -> 
 
 def test_check_reports_a_missing_source_and_how_to_fetch_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("QLIB_CACHE", str(tmp_path))
-    with pytest.raises(fetch.SourceError, match=r"vader is missing .*python -m qlib\.fetch vader"):
+    with pytest.raises(fetch.SourceError, match=r"vader is missing .*python -m qlib fetch vader"):
         fetch.check("vader")
     assert fetch.main(["--check", "vader"]) == 1
     assert not any(tmp_path.joinpath("sources").iterdir())  # --check fetched nothing

@@ -1,4 +1,4 @@
-"""qlib.doctor: the facts it claims about this machine, checked independently; probes isolated; rules engine."""
+"""qlib.tools.doctor: the facts it claims about this machine, checked independently; probes isolated; rules engine."""
 from __future__ import annotations
 
 import importlib.metadata as md
@@ -11,15 +11,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from qlib import doctor
+from qlib.tools import doctor
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def diag_and_cli() -> tuple[dict, subprocess.CompletedProcess]:
-    """diagnose() in-process, and `python -m qlib.doctor --json` run concurrently (keeps the file fast)."""
-    cli = subprocess.Popen([sys.executable, "-m", "qlib.doctor", "--json"], cwd=REPO, stdout=subprocess.PIPE,
+    """diagnose() in-process, and `python -m qlib doctor --json` run concurrently (keeps the file fast)."""
+    cli = subprocess.Popen([sys.executable, "-m", "qlib.tools.doctor", "--json"], cwd=REPO, stdout=subprocess.PIPE,
                            stderr=subprocess.PIPE, text=True)
     t0 = time.perf_counter()
     diag = doctor.diagnose()

@@ -1,4 +1,4 @@
-"""Tests for qlib.eval: perplexity protocol, KL / top-1, classification metrics, SQNR."""
+"""Tests for qlib.lab.eval: perplexity protocol, KL / top-1, classification metrics, SQNR."""
 from __future__ import annotations
 
 import copy
@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from qlib import eval as qeval
+from qlib.lab import eval as qeval
 
 torch.set_num_threads(1)
 

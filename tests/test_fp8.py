@@ -1,10 +1,10 @@
-"""qlib.fp8: the written-out FP8 rounding equals PyTorch's own float8 casts; the simulation and the handler."""
+"""qlib.quant.fp8: the written-out FP8 rounding equals PyTorch's own float8 casts; the simulation and the handler."""
 import pytest
 import torch
 from torch import nn
 
-from qlib.api import quantize_
-from qlib.fp8 import FORMATS, FP8Config, FP8Linear, cast_fp8, fp8_quant_dequant, fp8_scale, round_to_fp8
+from qlib.quant.api import quantize_
+from qlib.quant.fp8 import FORMATS, FP8Config, FP8Linear, cast_fp8, fp8_quant_dequant, fp8_scale, round_to_fp8
 
 
 def _all_finite_values(fmt: str) -> torch.Tensor:
@@ -60,7 +60,7 @@ def test_relative_error_bound_and_formats_order():
 
 
 def test_fp8_beats_int8_per_tensor_with_an_outlier():
-    from qlib.primitives import quant_dequant, qparams
+    from qlib.quant.primitives import quant_dequant, qparams
 
     g = torch.Generator().manual_seed(2)
     x = torch.randn(32, 512, generator=g)

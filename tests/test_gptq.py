@@ -5,19 +5,19 @@ import pytest
 import torch
 from torch import nn
 
-from qlib.api import quantize_
-from qlib.arch import arch_of, get_blocks, linear_weight, set_linear_weight
-from qlib.config import GPTQConfig
-from qlib.gptq import GPTQ, gptq_quantize_model, packable
-from qlib.kernels import pack_quantized
-from qlib.primitives import dequantize, qparams, quantize
+from qlib.quant.api import quantize_
+from qlib.methods.arch import arch_of, get_blocks, linear_weight, set_linear_weight
+from qlib.quant.config import GPTQConfig
+from qlib.methods.gptq import GPTQ, gptq_quantize_model, packable
+from qlib.quant.kernels import pack_quantized
+from qlib.quant.primitives import dequantize, qparams, quantize
 from test_arch import bert_batches, tiny_bert, tiny_gpt2, tiny_llama
 
 GRANULARITIES = [(None, "channel"), (32, 32), (48, 48), (-1, "tensor")]  # 48 does not divide 128: shorter last group
 
 
 def rtn_codes(w: torch.Tensor, bits: int, symmetric: bool, granularity) -> tuple[torch.Tensor, torch.Tensor]:
-    """Round-to-nearest codes and dequantized weight from qlib.primitives."""
+    """Round-to-nearest codes and dequantized weight from qlib.quant.primitives."""
     qp = qparams(w, bits, symmetric, granularity, pad=True)
     codes = quantize(w, qp)
     return codes, dequantize(codes, qp)

@@ -9,11 +9,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qlib.api import quantize_
-from qlib.config import RTNConfig
-from qlib.kernels import (Int4WeightOnlyLinear, Int8WeightOnlyLinear, pack_model, pack_quantized, packed_bytes,
+from qlib.quant.api import quantize_
+from qlib.quant.config import RTNConfig
+from qlib.quant.kernels import (Int4WeightOnlyLinear, Int8WeightOnlyLinear, pack_model, pack_quantized, packed_bytes,
                           torch_dynamic_int8, weight_codes)
-from qlib.primitives import QParams, dequantize, qparams, quant_dequant, sqnr_db
+from qlib.quant.primitives import QParams, dequantize, qparams, quant_dequant, sqnr_db
 
 BF16_REL = 1.5e-2  # max |y - ref| / max |ref|: both sides round the output (and the reference W) to bf16
 
@@ -251,7 +251,7 @@ def test_pack_model_rejects_bad_input():
 
 @pytest.mark.parametrize("bits", [4, 8])
 def test_save_packed_round_trip_and_save_pretrained_refused(tmp_path, bits):
-    from qlib.kernels import load_packed, packed_layers, save_packed
+    from qlib.quant.kernels import load_packed, packed_layers, save_packed
 
     model = pack_model(_tiny_llama(), bits=bits, group_size=32, progress=False)
     with pytest.raises(RuntimeError, match="save_packed"):  # it would reload as float layers with random weights
@@ -277,7 +277,7 @@ def test_save_packed_round_trip_and_save_pretrained_refused(tmp_path, bits):
 
 
 def test_save_packed_rejects_bad_input(tmp_path):
-    from qlib.kernels import load_packed, save_packed
+    from qlib.quant.kernels import load_packed, save_packed
 
     with pytest.raises(ValueError, match="no packed layers"):
         save_packed(_tiny_llama(), tmp_path / "x")

@@ -1,11 +1,11 @@
-"""Tests for qlib.lstm: the textgenrnn conversion against the Keras cell, dynamic INT8 of LSTMs, hidden-state error,
+"""Tests for qlib.methods.lstm: the textgenrnn conversion against the Keras cell, dynamic INT8 of LSTMs, hidden-state error,
 weight fake-quant and the detector's windowed scoring."""
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
-from qlib import lstm
+from qlib.methods import lstm
 
 
 def _cudnn_weights(rng: np.random.Generator, n_in: int, hidden: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -146,7 +146,7 @@ def test_masked_windows_blank_the_centre() -> None:
 
 
 def test_onnx_export_matches_pytorch(tmp_path) -> None:
-    from qlib.onnx_utils import op_counts, ort_session
+    from qlib.tools.onnx_utils import op_counts, ort_session
 
     torch.manual_seed(0)
     det = lstm.ECGBiLSTM(hidden=8, layers=2).eval()

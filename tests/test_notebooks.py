@@ -5,8 +5,8 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from qlib.results import VERDICTS
-from qlib.run import discover, run_notebook
+from qlib.lab.results import VERDICTS
+from qlib.lab.run import discover, run_notebook
 
 NOTEBOOKS = discover()
 
@@ -103,7 +103,7 @@ def check_05_awq(m):
     fp32 = m["fp32"]
     for d in ("nyt", "shakespeare"):
         assert _finite_between(fp32[f"ppl {d}"], 2.0, 1000.0), fp32
-    assert abs(fp32["qlib.eval.perplexity nyt"] / fp32["ppl nyt"] - 1) < 1e-6  # the one-pass evaluation is qlib.eval's ppl
+    assert abs(fp32["qlib.lab.eval.perplexity nyt"] / fp32["ppl nyt"] - 1) < 1e-6  # the one-pass evaluation is qlib.lab.eval's ppl
     lm = {(r["method"], r["config"]): r for r in m["lm"]}
     for (method, config), r in lm.items():
         if method != "FP32":
@@ -131,7 +131,7 @@ def check_09_onnx(m):
     assert not lm[("legacy", ("input_ids",))]["ok"] and "aten::diff" in lm[("legacy", ("input_ids",))]["error"]
     assert abs((legacy["bytes"] - dynamo["bytes"]) / (49152 * 576 * 4) - 1) < 0.05  # legacy stores the tied embedding twice
     ppl = {r["variant"]: r for r in m["lm"]}
-    assert abs(ppl["ort fp32"]["ppl"] / ppl["pytorch fp32"]["ppl"] - 1) < 1e-3   # ORT perplexity = qlib.eval's on the same windows
+    assert abs(ppl["ort fp32"]["ppl"] / ppl["pytorch fp32"]["ppl"] - 1) < 1e-3   # ORT perplexity = qlib.lab.eval's on the same windows
     assert ppl["ort int4 b128"]["bytes"] < ppl["ort fp32"]["bytes"] and ppl["ort int4 b128"]["matmul_nbits"] > 0
     assert ppl["ort dynamic int8"]["size ratio"] < 0.5
     rope = {(r["key"], r["exporter"]): r for r in m["rope"]}
@@ -283,7 +283,7 @@ def check_10_libraries(m):
     assert any("torch.ao.quantization" in d["message"] and "torchao" in d["migration"] for d in m["deprecations"])
     assert len(m["torchao_int4_formats"]) >= 3 and all(f["ok"] or f["error"] for f in m["torchao_int4_formats"])
     for name in ("qlib W8 (int8pack)", "qlib RTN W4 g64 (int4pack)"):             # qlib's packed models save and reload
-        assert rows[name]["saved_with"] == "qlib.kernels.save_packed" and rows[name]["reload"] == "ok", rows[name]
+        assert rows[name]["saved_with"] == "qlib.quant.kernels.save_packed" and rows[name]["reload"] == "ok", rows[name]
 
 
 CHECKS.update({"10_libraries": check_10_libraries})

@@ -1,11 +1,11 @@
-"""qlib.onnx_utils on tiny random models: export fidelity, quantized sizes, the calibration reader, ORT perplexity, rotary."""
+"""qlib.tools.onnx_utils on tiny random models: export fidelity, quantized sizes, the calibration reader, ORT perplexity, rotary."""
 import numpy as np
 import pytest
 import torch
 from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
 
-from qlib import onnx_utils as ou
-from qlib.eval import perplexity
+from qlib.tools import onnx_utils as ou
+from qlib.lab.eval import perplexity
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,7 @@ import json
 import numpy as np
 import pytest
 
-from qlib.pareto import (
+from qlib.analysis.pareto import (
     Point, choose_config, disambiguate, gather_points, group_by_metric, int8_ptq_points, pareto_front, pareto_mask, plot_frontier,
     plot_frontiers, points_from_results, relative_loss_pct,
 )

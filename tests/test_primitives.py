@@ -1,4 +1,4 @@
-"""Tests for qlib.primitives: affine quantization round trips, granularity shapes, observers, STE, errors."""
+"""Tests for qlib.quant.primitives: affine quantization round trips, granularity shapes, observers, STE, errors."""
 from __future__ import annotations
 
 import math
@@ -7,7 +7,7 @@ import re
 import pytest
 import torch
 
-from qlib.primitives import (QParams, dequantize, dynamic_act_qparams, expand_qparams, fake_quant, group_index,
+from qlib.quant.primitives import (QParams, dequantize, dynamic_act_qparams, expand_qparams, fake_quant, group_index,
                              observe_range, qparams, qparams_from_range, quant_dequant, quantize, representable_range,
                              rtn, sqnr_db)
 

@@ -1,4 +1,4 @@
-"""Tests for qlib.qat: straight-through gradients, LSQ scale gradients, QAT step 0 == PTQ, QAT beats PTQ at 4 bits."""
+"""Tests for qlib.methods.qat: straight-through gradients, LSQ scale gradients, QAT step 0 == PTQ, QAT beats PTQ at 4 bits."""
 import copy
 
 import pytest
@@ -6,10 +6,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qlib.api import quantize_
-from qlib.config import W8A8Config
-from qlib.primitives import qparams, quant_dequant, representable_range
-from qlib.qat import (ActFakeQuant, QATConfig, QATModule, WeightFakeQuant, lsq_grad_scale, prepare_qat,
+from qlib.quant.api import quantize_
+from qlib.quant.config import W8A8Config
+from qlib.quant.primitives import qparams, quant_dequant, representable_range
+from qlib.methods.qat import (ActFakeQuant, QATConfig, QATModule, WeightFakeQuant, lsq_grad_scale, prepare_qat,
                       scale_parameters, ste_fake_quant, train)
 
 

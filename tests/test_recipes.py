@@ -1,4 +1,4 @@
-"""qlib.recipes: line counting, failure rows, warning capture, deprecation merging, timing, save/reload, evidence readers."""
+"""qlib.tools.recipes: line counting, failure rows, warning capture, deprecation merging, timing, save/reload, evidence readers."""
 from __future__ import annotations
 
 import io
@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from qlib import recipes
+from qlib.tools import recipes
 
 
 def _three_lines(ctx):
@@ -126,12 +126,12 @@ def test_save_fix_is_applied_before_the_retry():
 def test_packed_model_saved_with_save_packed_and_reloads_exactly():
     from test_arch import tiny_llama
 
-    from qlib.kernels import pack_model
+    from qlib.quant.kernels import pack_model
 
     model = pack_model(tiny_llama(), bits=8, progress=False)
     out = recipes.save_and_reload(model, torch.arange(12).view(1, 12))
     assert out["save_pretrained"].startswith("RuntimeError") and "save_packed" in out["save_pretrained"]
-    assert out["saved_with"] == "qlib.kernels.save_packed" and out["reload"] == "ok"
+    assert out["saved_with"] == "qlib.quant.kernels.save_packed" and out["reload"] == "ok"
     assert out["reload_max_abs_logit_diff"] == 0.0 and out["bytes"] > 0
 
 

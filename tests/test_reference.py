@@ -1,4 +1,4 @@
-"""qlib.reference: gptqmodel / llm-compressor GPTQ and AWQ wrappers on a tiny random Llama saved to disk.
+"""qlib.tools.reference: gptqmodel / llm-compressor GPTQ and AWQ wrappers on a tiny random Llama saved to disk.
 
 Each wrapper must return a plain float32 model whose block linears lie on the library's 4-bit grid and whose
 outputs match the library's own quantized model; qlib's GPTQ and gptqmodel's GPTQ must agree closely.
@@ -13,9 +13,9 @@ from torch import nn
 pytest.importorskip("gptqmodel")
 pytest.importorskip("llmcompressor")
 
-from qlib import reference as R  # noqa: E402
-from qlib.config import GPTQConfig  # noqa: E402
-from qlib.gptq import gptq_quantize_model  # noqa: E402
+from qlib.tools import reference as R  # noqa: E402
+from qlib.quant.config import GPTQConfig  # noqa: E402
+from qlib.methods.gptq import gptq_quantize_model  # noqa: E402
 from test_arch import V, tiny_llama  # noqa: E402
 
 GS = 32  # two groups per 64-wide row; every width here is a multiple of 32, as gptqmodel's packer needs

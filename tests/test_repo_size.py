@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from qlib.paths import REPO_ROOT
+from qlib.lab.paths import REPO_ROOT
 
 MAX_FILE_BYTES = 5 * 2**20                      # one file; the largest executed notebook so far is ~1 MB
 MAX_TOTAL_BYTES = 64 * 2**20                    # everything tracked together

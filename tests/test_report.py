@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from qlib.report import build_report, main, write_report
+from qlib.analysis.report import build_report, main, write_report
 
 
 def _run(root, stem, claims, smoke=False, points=()):

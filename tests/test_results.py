@@ -3,7 +3,7 @@ import math
 
 import pytest
 
-from qlib.results import Claim, Run, read_metrics, validate_claims, write_json, write_metrics
+from qlib.lab.results import Claim, Run, read_metrics, validate_claims, write_json, write_metrics
 
 
 def test_claim_rejects_unknown_verdict():
@@ -58,7 +58,7 @@ def test_run_saves_partial_then_final(tmp_path):
 
 
 def test_read_metrics_missing_says_how_to_make_it(tmp_path):
-    with pytest.raises(FileNotFoundError, match="qlib.run"):
+    with pytest.raises(FileNotFoundError, match="python -m qlib run"):
         read_metrics(tmp_path / "42_nothing")
 
 
@@ -76,7 +76,7 @@ def test_save_figure(tmp_path):
 def test_git_state_names_the_changed_tracked_files(tmp_path):
     import subprocess
 
-    from qlib.results import git_state
+    from qlib.lab.results import git_state
     def git(*a):
         subprocess.run(["git", *a], cwd=tmp_path, check=True, capture_output=True)
     git("init", "-q"); git("config", "user.email", "t@t"); git("config", "user.name", "t")
@@ -89,7 +89,7 @@ def test_git_state_names_the_changed_tracked_files(tmp_path):
 
 
 def test_run_records_the_commit_it_started_from(tmp_path, monkeypatch):
-    import qlib.results as results
+    import qlib.lab.results as results
     states = iter([{"git_sha": "start", "git_dirty": False, "git_dirty_paths": []},
                    {"git_sha": "moved", "git_dirty": True, "git_dirty_paths": ["x.py"]}])
     monkeypatch.setattr(results, "git_state", lambda *a, **k: next(states))

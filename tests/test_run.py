@@ -4,7 +4,7 @@ import json
 import nbformat
 import pytest
 
-from qlib.run import discover, parse_param, run_notebook
+from qlib.lab.run import discover, parse_param, run_notebook
 
 
 def _notebook(path, cells):

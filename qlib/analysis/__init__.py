@@ -1,0 +1,1 @@
+"""Reading results: Pareto frontiers and the decision function, the cost model, the claims report."""

@@ -1,0 +1,213 @@
+"""Results with provenance: ``results/<notebook-stem>/metrics.json`` plus figures beside it.
+
+Every notebook ends by writing one ``metrics.json``::
+
+    {"notebook": "00_baselines", "metrics": {...}, "claims": [{"claim", "article", "measured", "verdict", "note"}],
+     "provenance": {"git_sha", "git_dirty", "packages", "cpu", "threads", "seed", "smoke", "wall_s", ...}}
+
+Writes are atomic (temporary file, then ``os.replace``), and :class:`Run` saves partial metrics after each
+step (``metrics.partial.json``), so an interrupted run leaves what it had measured and never a torn file.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import importlib.metadata
+import json
+import math
+import os
+import platform
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterable
+
+from qlib.lab.paths import REPO_ROOT
+
+VERDICTS = ("reproduced", "partly", "not reproduced", "not testable offline")
+
+PACKAGES = (
+    "torch", "transformers", "accelerate", "torchao", "numpy", "safetensors", "gguf", "onnx", "onnxruntime",
+    "onnxscript", "optimum", "bitsandbytes", "gptqmodel", "llmcompressor", "scikit-learn", "aeon", "papermill",
+    "matplotlib", "qlib",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Claim:
+    """One claim of the article, what we measured, and the verdict."""
+
+    claim: str
+    article: str
+    measured: str
+    verdict: str
+    note: str = ""
+
+    def __post_init__(self) -> None:
+        if self.verdict not in VERDICTS:
+            raise ValueError(f"verdict {self.verdict!r} is not one of {VERDICTS}; pick the one that fits the evidence.")
+        for field in ("claim", "article", "measured"):
+            if not str(getattr(self, field)).strip():
+                raise ValueError(f"Claim.{field} is empty; say what the article claimed and what was measured.")
+
+
+def _jsonable(x: Any) -> Any:
+    """Convert numpy / torch scalars, paths, dataclasses and non-finite floats into strict JSON values."""
+    if dataclasses.is_dataclass(x) and not isinstance(x, type):
+        return _jsonable(dataclasses.asdict(x))
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, Path):
+        return str(x)
+    if hasattr(x, "item") and callable(x.item) and getattr(x, "ndim", 0) == 0:  # numpy / torch scalar
+        x = x.item()
+    elif hasattr(x, "tolist") and callable(x.tolist):  # numpy array / torch tensor
+        return _jsonable(x.tolist())
+    if isinstance(x, float) and not math.isfinite(x):
+        return str(x)  # "inf", "-inf", "nan": strict JSON has no such numbers
+    return x
+
+
+def atomic_write_text(path: Path, text: str) -> Path:
+    """Write ``text`` to ``path`` atomically (a reader sees the old file or the new one, never half)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_json(path: Path, data: Any) -> Path:
+    """Atomically write strict JSON (non-finite floats become strings)."""
+    return atomic_write_text(path, json.dumps(_jsonable(data), indent=2, allow_nan=False) + "\n")
+
+
+def git_state(root: Path = REPO_ROOT) -> dict:
+    """The commit the code ran at and whether the work tree had uncommitted changes."""
+    def git(*args: str) -> str:
+        out = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() if out.returncode == 0 else ""
+    sha = git("rev-parse", "HEAD")
+    changed = git("diff", "HEAD", "--name-only").splitlines() if sha else []
+    # which tracked files differed, so a reader can tell whether the code behind the numbers did
+    return {"git_sha": sha or None, "git_dirty": bool(changed) if sha else None, "git_dirty_paths": changed[:50]}
+
+
+def package_versions(names: Iterable[str] = PACKAGES) -> dict[str, str | None]:
+    """Installed versions of the packages whose behaviour the numbers depend on (None = not installed)."""
+    versions = {}
+    for name in names:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def provenance(*, seed: int, smoke: bool, wall_s: float | None = None, git: dict | None = None) -> dict:
+    """Everything needed to tell where a number came from."""
+    import torch
+
+    from qlib.lab.bench import cpu_info
+
+    return {
+        **(git if git is not None else git_state()),   # a run passes the state it started from
+        "timestamp_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "packages": package_versions(),
+        "cpu": cpu_info(),
+        "threads": torch.get_num_threads(),
+        "seed": seed,
+        "smoke": bool(smoke),
+        "wall_s": None if wall_s is None else round(wall_s, 2),
+    }
+
+
+def validate_claims(claims: Iterable[Claim | dict]) -> list[dict]:
+    """Claims as plain dicts, each checked (a dict goes through :class:`Claim` for validation)."""
+    return [dataclasses.asdict(c if isinstance(c, Claim) else Claim(**c)) for c in claims]
+
+
+def write_metrics(out_dir: Path, metrics: dict, claims: Iterable[Claim | dict], *, seed: int, smoke: bool,
+                  wall_s: float | None = None, notebook: str | None = None, git: dict | None = None) -> Path:
+    """Write ``<out_dir>/metrics.json`` with metrics, validated claims and provenance; returns its path."""
+    out_dir = Path(out_dir)
+    record = {
+        "notebook": notebook or out_dir.name,
+        "metrics": metrics,
+        "claims": validate_claims(claims),
+        "provenance": provenance(seed=seed, smoke=smoke, wall_s=wall_s, git=git),
+    }
+    return write_json(out_dir / "metrics.json", record)
+
+
+def read_metrics(path: Path) -> dict:
+    """Load a ``metrics.json`` (or the folder holding one)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "metrics.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist; run the notebook first (python -m qlib run {path.parent.name}).")
+    return json.loads(path.read_text())
+
+
+def save_figure(fig, out_dir: Path, name: str, dpi: int = 120) -> Path:
+    """Save a matplotlib figure as ``<out_dir>/<name>.png`` atomically."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{name}.png"
+    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{name}.", suffix=".png")
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=dpi, bbox_inches="tight")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+class Run:
+    """One notebook run: records metrics step by step (saved as it goes) and writes the final metrics.json.
+
+    >>> run = Run(OUT, seed=0, smoke=SMOKE)
+    >>> run.log("lm", {"ppl": 60.8})        # saved to metrics.partial.json at once
+    >>> run.figure(fig, "perplexity")        # results/<stem>/perplexity.png
+    >>> run.finish(claims=[Claim(...)])      # metrics.json with provenance; the partial file is removed
+    """
+
+    def __init__(self, out_dir: str | Path, *, seed: int = 0, smoke: bool = False):
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.seed, self.smoke = seed, bool(smoke)
+        self.metrics: dict[str, Any] = {}
+        self.started = time.perf_counter()
+        self._partial = self.out_dir / "metrics.partial.json"
+        self.git = git_state()  # the code the run started from; HEAD may move while a long run goes on
+
+    def log(self, key: str, value: Any) -> Any:
+        """Record one result under ``key`` and save the partial metrics at once."""
+        self.metrics[key] = value
+        write_json(self._partial, {"metrics": self.metrics, "smoke": self.smoke, "seed": self.seed})
+        return value
+
+    def figure(self, fig, name: str) -> Path:
+        """Save a figure next to the metrics."""
+        return save_figure(fig, self.out_dir, name)
+
+    def finish(self, claims: Iterable[Claim | dict] = ()) -> Path:
+        """Write the final metrics.json with claims and provenance."""
+        path = write_metrics(self.out_dir, self.metrics, claims, seed=self.seed, smoke=self.smoke,
+                             wall_s=time.perf_counter() - self.started, git=self.git)
+        self._partial.unlink(missing_ok=True)
+        return path

@@ -1,0 +1,2 @@
+"""What quantization *is*: affine primitives, frozen configs, ``quantize_`` and its handler registry,
+fake-quant modules, packed INT8/INT4 kernels with save/load, FP8 simulation. Imports no other part of qlib."""
