@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import re
 
 import pytest
@@ -11,9 +12,10 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from qlib.quant.api import quantize_
 from qlib.methods.arch import ARCHS, arch_of, get_blocks, linear_weight
-from qlib.methods.awq import AWQResult, apply_clips, apply_scales, awq_apply, awq_search, fold_scales, search_clip
+from qlib.methods.awq import (AWQConfig, AWQGroupScale, AWQResult, apply_clips, apply_scales, awq_apply, awq_search,
+                              fold_scales, search_clip)
 from qlib.methods.calib import capture_block_inputs, run_block
-from qlib.quant.config import AWQConfig, RTNConfig
+from qlib.quant.config import RTNConfig
 from qlib.quant.primitives import dequantize, group_index, qparams, quant_dequant
 
 torch.set_num_threads(1)
@@ -66,11 +68,12 @@ def test_folding_scales_without_quantization_leaves_outputs_unchanged():
     model = tiny_llama()
     res = awq_search(model, batches(2), AWQConfig(bits=4, group_size=GROUP, n_grid=2, clip=False), progress=False)
     gen = torch.Generator().manual_seed(1)
-    wild = {k: torch.exp(torch.empty_like(s).uniform_(-2.3, 2.3, generator=gen)) for k, s in res.scales.items()}  # 0.1..10
+    wild = [dataclasses.replace(g, scale=torch.exp(torch.empty_like(g.scale).uniform_(-2.3, 2.3, generator=gen)))
+            for g in res.groups]  # 0.1..10
     ids = torch.randint(0, VOCAB, (2, 24), generator=gen)
     ref = logits(model, ids)
-    for scales in (res.scales, wild):
-        folded = apply_scales(copy.deepcopy(model), AWQResult(scales, {}, res.meta))
+    for groups in (res.groups, wild):
+        folded = apply_scales(copy.deepcopy(model), AWQResult(groups, {}, res.meta))
         assert (logits(folded, ids) - ref).abs().max() < 1e-5
         changed = folded.model.layers[0].input_layernorm.weight
         assert not torch.equal(changed, model.model.layers[0].input_layernorm.weight)  # the fold did move weights
@@ -102,9 +105,9 @@ def test_awq_beats_rtn_on_planted_outlier_channels(bits: int):
     ids = torch.cat(held_out)
     ref = logits(model, ids)
     assert (logits(awq, ids) - ref).pow(2).mean() < (logits(rtn_model(model, bits), ids) - ref).pow(2).mean()
-    qkv = res.meta["scale_groups"]["model.layers.0.input_layernorm"]
-    assert qkv["best_ratio"] > 0 and qkv["loss_best"] < 0.7 * qkv["loss_ratio0"]  # the outliers make scaling pay
-    assert all(g["loss_best"] <= g["loss_ratio0"] for g in res.meta["scale_groups"].values())
+    qkv = next(g for g in res.groups if g.prev == "model.layers.0.input_layernorm")
+    assert qkv.best_ratio > 0 and qkv.loss_best < 0.7 * qkv.loss_ratio0  # the outliers make scaling pay
+    assert all(isinstance(g, AWQGroupScale) and g.loss_best <= g.loss_ratio0 for g in res.groups)
 
 
 def test_ratio_zero_reproduces_rtn_exactly():
@@ -117,8 +120,9 @@ def test_ratio_zero_reproduces_rtn_exactly():
     for (name, p), q in zip(awq.named_parameters(), rtn.parameters()):
         assert torch.equal(p, q), name
     full = awq_search(model, batches(2), AWQConfig(bits=4, group_size=24, n_grid=20, clip=False), progress=False)
-    for key, g in res.meta["scale_groups"].items():  # the first grid point of a full search is that same RTN
-        assert full.meta["scale_groups"][key]["losses"][0] == pytest.approx(g["loss_best"], rel=1e-6)
+    assert [g.prev for g in full.groups] == [g.prev for g in res.groups]
+    for g, f in zip(res.groups, full.groups):  # the first grid point of a full search is that same RTN
+        assert f.losses[0] == pytest.approx(g.loss_best, rel=1e-6)
 
 
 def test_search_and_apply_are_separable(tmp_path):
@@ -129,7 +133,9 @@ def test_search_and_apply_are_separable(tmp_path):
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # the search left the model alone
     assert res.clips and not any("q_proj" in k or "k_proj" in k for k in res.clips)  # llm-awq skips q/k clipping
     loaded = AWQResult.load(res.save(tmp_path / "awq"))
-    assert loaded.meta == res.meta and set(loaded.scales) == set(res.scales) and set(loaded.clips) == set(res.clips)
+    assert loaded.meta == res.meta and set(loaded.clips) == set(res.clips)
+    assert [g.record() for g in loaded.groups] == [g.record() for g in res.groups]  # same groups, same order
+    assert all(torch.equal(a.scale, b.scale) for a, b in zip(loaded.groups, res.groups))
     a = awq_apply(copy.deepcopy(model), res, cfg)
     b = awq_apply(copy.deepcopy(model), loaded, cfg)
     for (name, p), q in zip(a.named_parameters(), b.parameters()):
@@ -160,12 +166,12 @@ def test_apply_clips_clamps_each_group_to_its_searched_value():
 
 @pytest.mark.parametrize("symmetric,group_size", [(False, 32), (True, 32), (False, 48), (False, None)])
 def test_search_quantizer_is_bit_identical_to_primitives(symmetric: bool, group_size: int | None):
-    from qlib.methods.awq import _qdq
+    from qlib.methods.awq import rtn_qdq
 
     w = torch.randn(40, 80, generator=torch.Generator().manual_seed(0)) * torch.rand(80) * 3  # 80 = 48 + 32: short group
     cfg = AWQConfig(bits=3, group_size=group_size, symmetric=symmetric)
     want = quant_dequant(w, qparams(w, 3, symmetric, cfg.granularity, pad=True))
-    assert torch.equal(_qdq(w, cfg), want)
+    assert torch.equal(rtn_qdq(w, cfg), want)
 
 
 def test_clip_search_never_increases_partial_output_error():
@@ -231,7 +237,7 @@ def test_config_validation_and_tag():
 @pytest.mark.parametrize("lengths", [(32, 32, 32), (32, 24, 32)])  # equal: attention batches stacked; mixed: one call each
 def test_search_losses_equal_a_plain_forward_per_batch(lengths):
     from qlib.methods.arch import scale_groups_for
-    from qlib.methods.awq import (_call_kwargs, _capture_linear_inputs, _gram_pays, act_mean, scale_candidates,
+    from qlib.methods.awq import (accepted_kwargs, act_mean, capture_linear_inputs, gram_pays, scale_candidates,
                            search_group_scale)
     from qlib.methods.calib import block_output, capture_block_kwargs
 
@@ -241,15 +247,15 @@ def test_search_losses_equal_a_plain_forward_per_batch(lengths):
     xs, _ = capture_block_inputs(model, data, spec)
     kws = capture_block_kwargs(model, data, spec)[0]
     block = copy.deepcopy(get_blocks(model, spec)[0])
-    feats, _ = _capture_linear_inputs(block, list(spec.linears), xs, kws)
+    feats, _ = capture_linear_inputs(block, list(spec.linears), xs, kws)
     groups = scale_groups_for(block, spec)
-    gram = [_gram_pays(block, g, feats[g.linears[0]], spec, cfg.n_grid) for g in groups]
+    gram = [gram_pays(block, g, feats[g.linears[0]], spec, cfg.n_grid) for g in groups]
     assert any(g.inspect for g in groups) and any(gram) and not all(gram)  # module outputs, Gram, and plain linears
 
     def plain(group, x, kw):  # the scored output, one batch at a time, no shortcuts
         if group.inspect:
             mod = block.get_submodule(group.inspect)
-            return block_output(mod(x, **_call_kwargs(mod, kw)))
+            return block_output(mod(x, **accepted_kwargs(mod, kw)))
         return torch.cat([block.get_submodule(n)(x) for n in group.linears], dim=-1)
 
     with torch.no_grad():

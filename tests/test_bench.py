@@ -5,9 +5,6 @@ import os
 import time
 import warnings
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-
 import pytest
 import torch
 from torch import nn

@@ -7,11 +7,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qlib.methods.cnn import (ImageCalibrationReader, QuantBatchNorm, augmented_views, bn_multipliers, count_bn, export_image_onnx,
-                      find_conv_bn_pairs, fold_bn, fold_conv_bn, max_rel_diff, ort_image_logits, quantize_cnn,
-                      zeroed_bn_multipliers)
-from qlib.lab.models import SmallResNet, _efficientnet_lite0_arch
-from qlib.methods.qat import QATConfig, prepare_qat, train
+from qlib.lab.models import SmallResNet, efficientnet_lite0_arch
+from qlib.methods.cnn import (CNNConfig, ImageCalibrationReader, QuantBatchNorm, augmented_views, bn_multipliers, count_bn,
+                              export_image_onnx, find_conv_bn_pairs, fold_bn, fold_conv_bn, max_rel_diff, ort_image_logits,
+                              zeroed_bn_multipliers)
+from qlib.methods.qat import QATConfig, QATModule, prepare_qat, train
+from qlib.quant.api import quantize_
 
 
 def _randomise_bn(model, seed=0, spread=1.0):
@@ -50,7 +51,7 @@ def test_fold_bn_exact_on_small_resnet():
 
 def test_fold_bn_exact_on_efficientnet_lite_blocks():
     torch.manual_seed(0)
-    model = _randomise_bn(_efficientnet_lite0_arch(), seed=2, spread=2.0)
+    model = _randomise_bn(efficientnet_lite0_arch(), seed=2, spread=2.0)
     x = torch.randn(1, 3, 64, 64)
     folded, pairs = fold_bn(model, x)
     assert len(pairs) == 49 and count_bn(folded) == 0
@@ -91,7 +92,7 @@ def test_ptq_variants_on_planted_channel_spread():
     for name, kw in {"naive": dict(fold=False, weight_granularity="tensor"),
                      "folded tensor": dict(fold=True, weight_granularity="tensor"),
                      "folded channel": dict(fold=True, weight_granularity="channel")}.items():
-        q = quantize_cnn(model, x[:2], calib, **kw)
+        q = quantize_(copy.deepcopy(model), CNNConfig(**kw), calib=calib)
         with torch.no_grad():
             err[name] = float((q(x) - ref).norm() / ref.norm())
         if name == "naive":
@@ -100,6 +101,30 @@ def test_ptq_variants_on_planted_channel_spread():
     assert err["folded channel"] < err["folded tensor"]
     assert err["folded channel"] < 0.05
     assert bn_multipliers(model)["stem.1"].min() < 2e-3
+
+
+@pytest.mark.parametrize("granularity", ["tensor", "channel"])
+def test_cnn_config_equals_fold_then_frozen_minmax_fake_quant(granularity):
+    """The folded CNN PTQ variant is exactly BN folding followed by QAT's fake-quant modules frozen at min-max (step 0)."""
+    model = _randomise_bn(SmallResNet(), seed=4)
+    x, calib = torch.randn(16, 1, 28, 28), [torch.randn(32, 1, 28, 28) for _ in range(2)]
+    q = quantize_(copy.deepcopy(model), CNNConfig(weight_bits=4, weight_granularity=granularity), calib=calib)
+    ref = prepare_qat(fold_bn(model, calib[0])[0], QATConfig(weight_bits=4, weight_granularity=granularity,
+                                                             weight_symmetric=False, scales="minmax"), calib=calib)
+    assert count_bn(q) == 0 and set(q.qlib_quantized) == set(ref.qlib_quantized)
+    with torch.no_grad():
+        assert torch.equal(q(x), ref.eval()(x))
+
+
+def test_cnn_config_naive_keeps_every_bn_as_an_integer_op():
+    model = _randomise_bn(SmallResNet(), seed=5)
+    calib = [torch.randn(32, 1, 28, 28)]
+    q = quantize_(copy.deepcopy(model), CNNConfig(fold=False), calib=calib)
+    convs = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    assert all(isinstance(q.get_submodule(n), QATModule) for n in convs) and set(q.qlib_quantized) == set(convs)
+    assert sum(isinstance(m, QuantBatchNorm) for m in q.modules()) == count_bn(model) == 9
+    with pytest.raises(ValueError, match="calibration images"):
+        quantize_(copy.deepcopy(model), CNNConfig(), calib=None)
 
 
 def test_ort_image_export_and_qdq_close_to_torch(tmp_path):

@@ -7,7 +7,7 @@ from torch import nn
 
 from qlib.quant.api import quantize_
 from qlib.methods.arch import arch_of, get_blocks, linear_weight, set_linear_weight
-from qlib.quant.config import GPTQConfig
+from qlib.methods.gptq import GPTQConfig
 from qlib.methods.gptq import GPTQ, gptq_quantize_model, packable
 from qlib.quant.kernels import pack_quantized
 from qlib.quant.primitives import dequantize, qparams, quantize

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from qlib.quant.config import GPTQConfig
+from qlib.methods.gptq import GPTQConfig
 from qlib.methods.gptq import gptq_quantize_model, packable
 from qlib.quant.kernels import Int4WeightOnlyLinear, Int8WeightOnlyLinear, pack_quantized, packed_bytes
 from qlib.methods.mixed import (DEFAULT_OPTIONS, W8, LayerOption, allocate, capture_inputs, gptq_layer_configs,

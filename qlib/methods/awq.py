@@ -62,9 +62,10 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from qlib.methods.arch import (ArchSpec, ScaleGroup, arch_of, block_linears, blocks_path, get_blocks, linear_weight,
-                       scale_groups_for, set_linear_weight)
+                               scale_groups_for, set_linear_weight)
 from qlib.methods.calib import block_output, capture_block_inputs, capture_block_kwargs
-from qlib.quant.config import AWQConfig, RTNConfig
+from qlib.quant.api import apply_rtn, register
+from qlib.quant.config import RTNConfig, WeightOnlyConfig, check_flags, check_int
 from qlib.quant.primitives import QParams, dequantize, group_size_for, qparams, qparams_from_range, quantize
 
 FilterFn = Callable[[nn.Module, str], bool]
@@ -77,29 +78,95 @@ RESULT_FILES = ("awq.safetensors", "awq.json")
 
 
 # --------------------------------------------------------------------------------------------------
-# the result: scales and clips, saved apart from the model
+# the config and the result: scales and clips, saved apart from the model
+
+
+@dataclass(frozen=True)
+class AWQConfig(WeightOnlyConfig):
+    """AWQ (Lin et al. 2023) weight-only quantization of the linears inside transformer blocks; needs ``calib``.
+
+    ``n_grid`` scale ratios in [0, 1); ``clip`` searches a clip value per output row and group over
+    ``int(max_shrink * clip_grid)`` shrink steps on ``n_clip_tokens`` tokens (llm-awq's defaults throughout).
+    The quantizer is min-max (``observer`` stays ``"minmax"``); per-tensor grids are not supported.
+    """
+
+    symmetric: bool = False  # AWQ's default: zero-point quantization
+    pad: bool = True  # group size not dividing K: a shorter last group
+    n_grid: int = 20
+    clip: bool = True
+    clip_grid: int = 20
+    max_shrink: float = 0.5
+    n_clip_tokens: int = 512
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.group_size == -1:
+            raise ValueError("AWQ quantizes per group or per channel, not per tensor; use group_size=128 or None")
+        if self.observer != "minmax":
+            raise ValueError(f"observer={self.observer!r} is not supported: AWQ's search and apply use min-max ranges; "
+                             "leave observer='minmax'")
+        check_flags(self, "clip")
+        check_int(self.n_grid, "n_grid", 1, "20 is llm-awq's grid (1 gives ratio 0 only: plain RTN)")
+        check_int(self.clip_grid, "clip_grid", 1, "20 is llm-awq's grid")
+        check_int(self.n_clip_tokens, "n_clip_tokens", 1, "512 is llm-awq's choice")
+        if isinstance(self.max_shrink, bool) or not isinstance(self.max_shrink, (int, float)) or not 0 <= self.max_shrink < 1:
+            raise ValueError(f"max_shrink={self.max_shrink!r} must lie in [0, 1); 0.5 is llm-awq's choice")
+
+    @property
+    def tag(self) -> str:
+        """E.g. ``awq.w4.g128.asym`` (``.noclip`` without the clip search)."""
+        return f"{self.grid_tag('awq')}{'' if self.clip else '.noclip'}"
+
+
+@dataclass(frozen=True, eq=False)
+class AWQGroupScale:
+    """The scale found for one scale group: ``prev``'s output channels are divided by ``scale``, ``linears``' inputs multiplied.
+
+    ``best_ratio`` is the chosen exponent of ``s = mean|x| ** ratio``; ``losses`` the search's loss per grid ratio
+    (``loss_ratio0``: plain RTN, ``loss_best``: the chosen one).
+    """
+
+    prev: str
+    linears: tuple[str, ...]
+    scale: Tensor
+    best_ratio: float
+    loss_best: float
+    loss_ratio0: float
+    losses: tuple[float, ...]
+
+    def record(self) -> dict[str, Any]:
+        """Everything but the scale, as JSON values (what ``awq.json`` keeps under ``scale_groups``)."""
+        return {"linears": list(self.linears), "best_ratio": self.best_ratio, "loss_best": self.loss_best,
+                "loss_ratio0": self.loss_ratio0, "losses": list(self.losses)}
 
 
 @dataclass
 class AWQResult:
-    """What the search found: ``scales`` ``{prev fqn: s [C]}``, ``clips`` ``{linear fqn: max_val [out, groups]}``, ``meta``."""
+    """What the search found: ``groups`` (one ``AWQGroupScale`` per scale group, in search order), ``clips``
+    ``{linear fqn: max_val [out, groups]}``, ``meta`` (config, data, timing)."""
 
-    scales: dict[str, Tensor]
+    groups: list[AWQGroupScale]
     clips: dict[str, Tensor]
-    meta: dict[str, Any] = field(default_factory=dict)  # config, data, per-group linears and losses, timing
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def scales(self) -> dict[str, Tensor]:
+        """``{prev fqn: s [C]}`` of every group."""
+        return {g.prev: g.scale for g in self.groups}
 
     def save(self, path: str | Path) -> Path:
-        """Write ``awq.safetensors`` (tensors) and ``awq.json`` (meta) into folder ``path``, atomically; return it."""
+        """Write ``awq.safetensors`` (tensors) and ``awq.json`` (meta and group records) into folder ``path``, atomically."""
         from safetensors.torch import save_file
 
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        tensors = {f"scales/{k}": v.detach().cpu().float().contiguous() for k, v in self.scales.items()}
+        tensors = {f"scales/{g.prev}": g.scale.detach().cpu().float().contiguous() for g in self.groups}
         tensors.update({f"clips/{k}": v.detach().cpu().float().contiguous() for k, v in self.clips.items()})
         st, js = (path / name for name in RESULT_FILES)
         st_tmp, js_tmp = (p.with_name(p.name + ".tmp") for p in (st, js))
         save_file(tensors, str(st_tmp))
-        js_tmp.write_text(json.dumps(self.meta, indent=1, default=str))
+        meta = {**self.meta, "scale_groups": {g.prev: g.record() for g in self.groups}}
+        js_tmp.write_text(json.dumps(meta, indent=1, default=str))
         os.replace(st_tmp, st)
         os.replace(js_tmp, js)
         return path
@@ -113,9 +180,15 @@ class AWQResult:
         if not (st.is_file() and js.is_file()):
             raise FileNotFoundError(f"{path} does not hold {' and '.join(RESULT_FILES)}; pass a folder written by AWQResult.save")
         tensors = load_file(str(st))
-        scales = {k.removeprefix("scales/"): v for k, v in tensors.items() if k.startswith("scales/")}
+        meta = json.loads(js.read_text())
+        records = meta.pop("scale_groups", {})
+        missing = [k for k in records if f"scales/{k}" not in tensors]
+        if missing:
+            raise ValueError(f"{path}: scale groups {missing[:3]} have no scale tensor; the folder is incomplete, search again")
+        groups = [AWQGroupScale(k, tuple(r["linears"]), tensors[f"scales/{k}"], r["best_ratio"], r["loss_best"],
+                                r["loss_ratio0"], tuple(r["losses"])) for k, r in records.items()]
         clips = {k.removeprefix("clips/"): v for k, v in tensors.items() if k.startswith("clips/")}
-        return cls(scales, clips, json.loads(js.read_text()))
+        return cls(groups, clips, meta)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -144,7 +217,7 @@ def _qdq_groups(wg: Tensor, config: AWQConfig) -> Tensor:
     return (wg.float() / s).round_().add_(z).clamp_(0, qp.qmax).sub_(z).mul_(s).to(wg.dtype)
 
 
-def _qdq(w: Tensor, config: AWQConfig) -> Tensor:
+def rtn_qdq(w: Tensor, config: AWQConfig) -> Tensor:
     """Round-to-nearest quant-dequant of an [out, in] weight at the config's bits / group / symmetry."""
     k = w.shape[1]
     g = _group_width(k, config)
@@ -240,7 +313,7 @@ def act_mean(xs: list[Tensor]) -> Tensor:
     return total / n
 
 
-def _call_kwargs(module: nn.Module, kwargs: dict) -> dict:
+def accepted_kwargs(module: nn.Module, kwargs: dict) -> dict:
     """The block kwargs ``module.forward`` accepts (all of them if it takes ``**kwargs``)."""
     params = pyinspect.signature(module.forward).parameters
     if any(p.kind == pyinspect.Parameter.VAR_KEYWORD for p in params.values()):
@@ -252,7 +325,7 @@ def _group_forward(block: nn.Module, group: ScaleGroup, x: Tensor, kwargs: dict)
     """Output that scores a scale group: the ``inspect`` submodule's, or the linears' own (concatenated)."""
     if group.inspect:
         mod = block.get_submodule(group.inspect)
-        return block_output(mod(x, **_call_kwargs(mod, kwargs)))
+        return block_output(mod(x, **accepted_kwargs(mod, kwargs)))
     return torch.cat([block.get_submodule(n)(x) for n in group.linears], dim=-1)
 
 
@@ -277,7 +350,7 @@ def _group_calls(block: nn.Module, group: ScaleGroup, xs: list[Tensor], kwargs_l
     how many matmuls run, not what each row computes.
     """
     mod = block.get_submodule(group.inspect) if group.inspect else None
-    if mod is None or not any(_call_kwargs(mod, kw) for kw in kwargs_list):
+    if mod is None or not any(accepted_kwargs(mod, kw) for kw in kwargs_list):
         return [(_flatten(xs).to(xs[0].dtype), {})]
     shape, kw0 = xs[0].shape, kwargs_list[0]
     if xs[0].dim() < 2 or shape[0] != 1 or any(x.shape != shape for x in xs) or not all(_same(kw, kw0) for kw in kwargs_list):
@@ -307,7 +380,7 @@ def _output_loss(block: nn.Module, group: ScaleGroup, xs: list[Tensor], kwargs_l
     return loss
 
 
-def _gram_pays(block: nn.Module, group: ScaleGroup, xs: list[Tensor], spec: ArchSpec, n_grid: int) -> bool:
+def gram_pays(block: nn.Module, group: ScaleGroup, xs: list[Tensor], spec: ArchSpec, n_grid: int) -> bool:
     """True for a group scored on its linears' own outputs when the Gram route costs fewer multiply-adds.
 
     Per trial: ``n * k * out`` through the linears, ``out * k * k`` with the Gram matrix (plus ``n * k * k`` once,
@@ -352,14 +425,14 @@ def search_group_scale(block: nn.Module, group: ScaleGroup, xs: list[Tensor], kw
     Gram matrix of their input when that is cheaper (``_gram_loss``: same loss, a fraction of the matmuls).
     """
     mods = {n: block.get_submodule(n) for n in quantized}
-    loss_of = (_gram_loss(block, group, xs, mods, spec) if _gram_pays(block, group, xs, spec, config.n_grid)
+    loss_of = (_gram_loss(block, group, xs, mods, spec) if gram_pays(block, group, xs, spec, config.n_grid)
                else _output_loss(block, group, xs, kwargs_list, mods, spec))
     weights = {n: linear_weight(m, spec).detach().float() for n, m in mods.items()}
     x_mean = act_mean(xs)
     losses, best = [], (math.inf, None, None)
     for ratio, s in scale_candidates(x_mean, config.n_grid):
         row = s.view(1, -1)
-        loss = loss_of({n: _qdq(w * row, config) / row for n, w in weights.items()})
+        loss = loss_of({n: rtn_qdq(w * row, config) / row for n, w in weights.items()})
         losses.append(loss)
         if loss < best[0]:
             best = (loss, ratio, s)
@@ -405,7 +478,7 @@ def _subsample(xs: list[Tensor], n_tokens: int) -> Tensor:
     return x[:: max(1, x.shape[0] // n_tokens)]
 
 
-def _capture_linear_inputs(block: nn.Module, names: list[str], inputs: list[Tensor],
+def capture_linear_inputs(block: nn.Module, names: list[str], inputs: list[Tensor],
                            kwargs_list: list[dict]) -> tuple[dict[str, list[Tensor]], list[Tensor]]:
     """Run ``block`` on every batch: the inputs each named linear saw (per batch) and the block outputs."""
     feats: dict[str, list[Tensor]] = {n: [] for n in names}
@@ -459,7 +532,7 @@ def awq_search(model: nn.Module, calib_batches: Iterable, config: AWQConfig, fil
     a scale group none of whose linears is picked is skipped.
     """
     if not isinstance(config, AWQConfig):
-        raise TypeError(f"config must be a qlib.quant.config.AWQConfig, got {type(config).__name__}")
+        raise TypeError(f"config must be a qlib.methods.awq.AWQConfig, got {type(config).__name__}")
     spec = arch_of(model)
     batches = list(calib_batches) if calib_batches is not None else []
     if not batches:
@@ -473,21 +546,22 @@ def awq_search(model: nn.Module, calib_batches: Iterable, config: AWQConfig, fil
                          f"linears inside {path} ({', '.join(spec.linears)})")
     inputs, _ = capture_block_inputs(model, batches, spec)
     kwargs_per_block = capture_block_kwargs(model, batches, spec)  # blocks may differ (Gemma-3 sliding windows)
-    scales, clips, groups = {}, {}, {}
+    groups: list[AWQGroupScale] = []
+    clips: dict[str, Tensor] = {}
     for i in tqdm(range(len(blocks)), desc=f"AWQ {config.tag}", disable=not progress):
         work = copy.deepcopy(blocks[i])  # searched and scaled on a copy: the model stays float and unscaled
         kwargs_list, picked = kwargs_per_block[i], selected[i]
         names = list(block_linears(work, spec))
-        feats, outputs = _capture_linear_inputs(work, names, inputs, kwargs_list)
+        feats, outputs = capture_linear_inputs(work, names, inputs, kwargs_list)
         found = []
         for group in scale_groups_for(work, spec):
             quantized = [n for n in group.linears if n in picked]
             if not quantized:
                 continue
             s, record = search_group_scale(work, group, feats[group.linears[0]], kwargs_list, spec, config, quantized)
-            key = f"{path}.{i}.{group.prev}"
-            scales[key] = s
-            groups[key] = {"linears": [f"{path}.{i}.{n}" for n in group.linears], **record}
+            groups.append(AWQGroupScale(f"{path}.{i}.{group.prev}", tuple(f"{path}.{i}.{n}" for n in group.linears), s,
+                                        record["best_ratio"], record["loss_best"], record["loss_ratio0"],
+                                        tuple(record["losses"])))
             found.append((group, s))
         for group, s in found:  # apply after the whole block is searched, as llm-awq
             fold_scales(work.get_submodule(group.prev), [work.get_submodule(n) for n in group.linears], s, spec)
@@ -508,11 +582,10 @@ def awq_search(model: nn.Module, calib_batches: Iterable, config: AWQConfig, fil
         "model_class": type(model).__name__, **_data_meta(batches),
         "grid": [r for r, _ in scale_candidates(torch.ones(1), config.n_grid)],
         "linears": [f"{path}.{i}.{n}" for i, names in enumerate(selected) for n in names],
-        "scale_groups": groups,
         "next_block_inputs": "float outputs of the unmodified block (as llm-awq)",
         "search_seconds": round(time.perf_counter() - start, 2),
     }
-    return AWQResult(scales, clips, meta)
+    return AWQResult(groups, clips, meta)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -537,13 +610,8 @@ def apply_scales(model: nn.Module, result: AWQResult, spec: ArchSpec | None = No
     bit-identical results after ``save`` / ``load``.
     """
     spec = spec or arch_of(model)
-    groups = result.meta.get("scale_groups", {})
-    missing = [k for k in result.scales if k not in groups]
-    if missing:
-        raise ValueError(f"scales {missing[:3]} have no scale-group entry in the result's meta; pass a result from awq_search")
-    for key in (k for k in groups if k in result.scales):
-        linears = [model.get_submodule(n) for n in groups[key]["linears"]]
-        fold_scales(model.get_submodule(key), linears, result.scales[key], spec)
+    for g in result.groups:
+        fold_scales(model.get_submodule(g.prev), [model.get_submodule(n) for n in g.linears], g.scale, spec)
     return model
 
 
@@ -579,7 +647,8 @@ def awq_apply(model: nn.Module, result: AWQResult, config: AWQConfig, fqns: list
     return model
 
 
-def quantize_awq(model: nn.Module, config: AWQConfig, fqns: list[str], calib: Iterable | None) -> nn.Module:
+@register(AWQConfig)
+def quantize_awq(model: nn.Module, config: AWQConfig, fqns: list[str], calib: Iterable | None = None) -> nn.Module:
     """``quantize_``'s AWQ handler: search + apply on the selected block linears; RTN for selected linears outside blocks.
 
     Selected linears outside the blocks (e.g. ``lm_head``) have no AWQ scale: they get round-to-nearest at the
@@ -597,10 +666,8 @@ def quantize_awq(model: nn.Module, config: AWQConfig, fqns: list[str], calib: It
     model.qlib_awq_result = result
     rest = [f for f in fqns if f not in in_blocks]
     if rest:
-        from qlib.quant.api import _rtn
-
         warnings.warn(f"{rest[:3]}{'...' if len(rest) > 3 else ''} lie outside the transformer blocks and have no AWQ "
                       "scale; they get plain round-to-nearest (exclude them with filter_fn to keep full precision)",
                       stacklevel=3)
-        _rtn(model, RTNConfig(config.bits, config.group_size, config.symmetric, pad=config.pad), rest)
+        apply_rtn(model, RTNConfig(config.bits, config.group_size, config.symmetric, pad=config.pad), rest)
     return model

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import inspect
 import random
-from collections.abc import Mapping
 from typing import Any, Iterable
 
 import torch
 from torch import Tensor, nn
 
-from qlib.methods.arch import ArchSpec, get_blocks
 from qlib.lab.eval import tokenize_text
+from qlib.methods.arch import ArchSpec, get_blocks
+from qlib.quant.modules import run_batch
 
 
 class StopForward(Exception):
@@ -38,25 +38,6 @@ def calib_batches_from_text(tokenizer: Any, text: str, n_samples: int, seq_len: 
     rng = random.Random(seed)
     starts = [rng.randint(0, ids.numel() - seq_len - 1) for _ in range(n_samples)]
     return [ids[i : i + seq_len].unsqueeze(0).clone() for i in starts]
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    """Device of the model's first parameter (CPU for a parameterless model)."""
-    p = next(model.parameters(), None)
-    return p.device if p is not None else torch.device("cpu")
-
-
-def _call_model(model: nn.Module, batch: Any) -> None:
-    """Run one calibration batch (tensor of input ids, or a mapping of model inputs) with the KV cache off."""
-    device = _model_device(model)
-    extra = {"use_cache": False} if "use_cache" in inspect.signature(model.forward).parameters else {}
-    if isinstance(batch, Mapping):
-        model(**{k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}, **extra)
-    elif isinstance(batch, Tensor):
-        model(batch.to(device), **extra)
-    else:
-        raise ValueError(f"calibration batch of type {type(batch).__name__} is not supported; pass tensors of input "
-                         "ids [batch, seq] or dicts of model inputs")
 
 
 def _detach(value: Any) -> Any:
@@ -112,7 +93,7 @@ def _run_calib(model: nn.Module, calib_batches: Iterable) -> int:
         with torch.no_grad():
             for batch in calib_batches:
                 try:
-                    _call_model(model, batch)
+                    run_batch(model, batch, use_cache=False)  # no KV cache: only the block inputs are wanted
                 except StopForward:
                     pass
                 n += 1

@@ -1,7 +1,7 @@
 """CNN quantization: exact BatchNorm folding, fake-quant of convolutions (naive / folded, per tensor / per channel), ORT INT8.
 
     folded, pairs = fold_bn(model, example)            # a copy with every conv -> BN folded; BN becomes Identity
-    q = quantize_cnn(model, example, calib, weight_bits=8, weight_granularity="channel", fold=True)
+    quantize_(model, CNNConfig(weight_bits=8, weight_granularity="channel", fold=True), calib=calib)  # in place
 
 Folding (Jacob et al. 2018; Krishnamoorthi 2018, section 3.2): a BatchNorm in eval mode after a convolution is a
 per-output-channel affine map, ``y = gamma * (conv(x) - mean) / sqrt(var + eps) + beta``, so it merges into the
@@ -12,8 +12,9 @@ Which BN follows which conv is found by running one example batch with hooks: a 
 output tensor is paired with that conv. ``fold_bn`` then checks the folded copy against the original on that batch
 and raises if they differ (a conv output also used elsewhere, e.g. by a residual branch, would be caught there).
 
-``quantize_cnn`` builds the PTQ variants of notebook 07 from ``qlib.methods.qat``'s fake-quant modules, frozen at their PTQ
-parameters (min-max weights, min-max calibrated per-tensor activations at the input of every quantized op):
+``quantize_`` with a ``CNNConfig`` builds the PTQ variants of notebook 07 from ``qlib.methods.qat``'s fake-quant modules, frozen
+at their PTQ parameters (min-max weights, min-max calibrated per-tensor activations at the input of every quantized op);
+the first calibration batch finds and checks the conv -> BN pairs:
 
 - ``fold=False`` ("naive", BN kept separate): each conv's output is quantized to 8 bits before its BN, and the BN is
   run as its own integer op — its input quantized per tensor and its per-channel multiplier quantized per tensor, as
@@ -26,6 +27,7 @@ Fake-quant is for accuracy; the INT8 speed comes from ONNX Runtime's QDQ kernels
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -34,9 +36,11 @@ import torch
 from onnxruntime.quantization import CalibrationDataReader
 from torch import Tensor, nn
 
-from qlib.quant.api import _set_module, calibrate_act_ranges
+from qlib.methods.qat import ActFakeQuant, wrap_fake_quant
+from qlib.quant.api import calibrate_act_ranges, register
+from qlib.quant.config import FakeQuantConfig, check_flags
+from qlib.quant.modules import set_module
 from qlib.quant.primitives import qparams, quant_dequant
-from qlib.methods.qat import ActFakeQuant, QATConfig, prepare_qat
 
 CONV_TYPES = (nn.Conv2d,)
 
@@ -106,8 +110,8 @@ def fold_bn(model: nn.Module, example: Tensor, rtol: float = 1e-4) -> tuple[nn.M
     pairs = find_conv_bn_pairs(model, example)
     folded = copy.deepcopy(model)
     for conv_name, bn_name in pairs:
-        _set_module(folded, conv_name, fold_conv_bn(folded.get_submodule(conv_name), folded.get_submodule(bn_name)))
-        _set_module(folded, bn_name, nn.Identity())
+        set_module(folded, conv_name, fold_conv_bn(folded.get_submodule(conv_name), folded.get_submodule(bn_name)))
+        set_module(folded, bn_name, nn.Identity())
     folded.eval()
     diff = max_rel_diff(model, folded, example)
     if diff > rtol:
@@ -155,27 +159,60 @@ class QuantBatchNorm(nn.Module):
         return self.act_fq(x) * self.mult + self.add
 
 
-def quantize_cnn(model: nn.Module, example: Tensor, calib: Iterable[Tensor], *, weight_bits: int = 8, act_bits: int = 8,
-                 weight_granularity: str = "tensor", weight_symmetric: bool = False, fold: bool = True) -> nn.Module:
-    """A fake-quantized PTQ copy of a CNN (eval mode): BN folded or kept separate, per-tensor or per-channel weights."""
-    calib = list(calib)
-    q = fold_bn(model, example)[0] if fold else copy.deepcopy(model).eval()
-    bns = [] if fold else [n for n, m in q.named_modules() if isinstance(m, nn.BatchNorm2d)]
+@dataclass(frozen=True)
+class CNNConfig(FakeQuantConfig):
+    """CNN post-training fake-quant: BN folded first (``fold=True``) or run as its own integer op, then every selected
+    Linear / Conv2d fake-quantized at frozen min-max parameters (weights per tensor or per output channel)."""
+
+    weight_bits: int = 8
+    weight_symmetric: bool = False
+    fold: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_flags(self, "fold")
+
+    @property
+    def tag(self) -> str:
+        """E.g. ``cnn.w8t.asym.a8.fold`` (``.naive`` when BN is kept separate)."""
+        a = f".a{self.act_bits}" if self.act_bits else ""
+        sym = "sym" if self.weight_symmetric else "asym"
+        return f"cnn.w{self.weight_bits}{self.weight_granularity[0]}.{sym}{a}.{'fold' if self.fold else 'naive'}"
+
+
+def fold_bn_(model: nn.Module, example: Tensor, rtol: float = 1e-4) -> list[tuple[str, str]]:
+    """``fold_bn`` in place: each paired conv replaced by its folded copy, each BN by ``nn.Identity``; return the pairs."""
+    folded, pairs = fold_bn(model, example, rtol)
+    for conv_name, bn_name in pairs:
+        set_module(model, conv_name, folded.get_submodule(conv_name))
+        set_module(model, bn_name, nn.Identity())
+    return pairs
+
+
+@register(CNNConfig)
+def apply_cnn_ptq(model: nn.Module, config: CNNConfig, fqns: list[str], calib: Iterable | None = None) -> nn.Module:
+    """``quantize_``'s CNN handler (in place, eval mode): fold BN or wrap it in ``QuantBatchNorm``, then fake-quant ``fqns``."""
+    calib = list(calib) if calib is not None else []
+    if not calib:
+        raise ValueError("CNN PTQ needs calibration images: pass calib=[images [N, C, H, W], ...]")
+    model.eval()
+    if config.fold:
+        fold_bn_(model, calib[0])
+    bns = [] if config.fold else [n for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)]
     bn_ranges = {}
     if bns:  # calibrate the BN inputs on the float model, as the conv/linear inputs are
-        obs = calibrate_act_ranges(q, bns, calib, act_bits, False, progress=False)
+        obs = calibrate_act_ranges(model, bns, calib, config.act_bits or 8, False, progress=False)
         bn_ranges = {n: (o.lo, o.hi) for n, o in obs.items()}
-    cfg = QATConfig(weight_bits=weight_bits, weight_granularity=weight_granularity, weight_symmetric=weight_symmetric,
-                    act_bits=act_bits, scales="minmax")
-    prepare_qat(q, cfg, calib=calib)
+    wrap_fake_quant(model, config, fqns, calib, scales="minmax")
     for n in bns:
-        _set_module(q, n, QuantBatchNorm(q.get_submodule(n), ActFakeQuant(*bn_ranges[n], act_bits, False, "minmax"),
-                                         weight_bits, weight_symmetric))
-    return q.eval()
+        set_module(model, n, QuantBatchNorm(model.get_submodule(n), ActFakeQuant(*bn_ranges[n], config.act_bits or 8, False,
+                                                                              "minmax"), config.weight_bits,
+                                            config.weight_symmetric))
+    return model.eval()
 
 
 def zeroed_bn_multipliers(model: nn.Module) -> int:
-    """How many BN multipliers a ``quantize_cnn(fold=False)`` model rounded to zero."""
+    """How many BN multipliers a ``CNNConfig(fold=False)`` model rounded to zero."""
     return sum(m.zeroed for m in model.modules() if isinstance(m, QuantBatchNorm))
 
 

@@ -17,25 +17,60 @@ model is fake-quant (dequantized fp32 weights, for accuracy); the codes and qpar
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from qlib.quant.api import register
+from qlib.lab.bench import num_threads
 from qlib.methods.arch import arch_of, blocks_path, get_blocks, linear_weight, set_linear_weight
 from qlib.methods.calib import StopForward, capture_block_inputs, capture_block_kwargs, run_block
-from qlib.quant.config import GPTQConfig, granularity_of
+from qlib.quant.api import register
+from qlib.quant.config import WeightOnlyConfig, check_flags, check_int, granularity_of, group_tag
 from qlib.quant.primitives import QParams, check_bits, check_finite, group_size_for, qparams
 
 DAMP_ESCALATION = 10.0  # damping grows x10 per failed Cholesky ...
 MAX_DAMP_RATIO = 10.0  # ... up to 10 x mean(diag H); past that the layer falls back to round-to-nearest
+
+
+@dataclass(frozen=True)
+class GPTQConfig(WeightOnlyConfig):
+    """GPTQ (Frantar et al. 2022) weight-only quantization of the linears inside transformer blocks; needs ``calib``.
+
+    ``percdamp`` is the damping added to the Hessian diagonal as a fraction of its mean; ``block_size`` is the
+    lazy-update column block; ``act_order`` quantizes columns by descending Hessian diagonal; ``static_groups``
+    fixes each group's qparams up front from the unpermuted weight (so act_order keeps contiguous groups).
+    ``observer="mse"`` is the reference's --mse grid search.
+    """
+
+    pad: bool = True  # group size not dividing K: a shorter last group, as the reference does
+    act_order: bool = False
+    static_groups: bool = False
+    percdamp: float = 0.01
+    block_size: int = 128
+    true_sequential: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_flags(self, "act_order", "static_groups", "true_sequential")
+        if isinstance(self.percdamp, bool) or not isinstance(self.percdamp, (int, float)) or not 0 <= self.percdamp <= 1:
+            raise ValueError(f"percdamp={self.percdamp!r} must be a fraction in [0, 1]; 0.01 is the paper's choice")
+        check_int(self.block_size, "block_size", 1, "128 is the paper's choice")
+        if self.static_groups and (self.group_size is None or self.group_size == -1):
+            raise ValueError("static_groups=True needs a positive group_size (e.g. 128); per-channel and per-tensor "
+                             "qparams are static already")
+
+    @property
+    def tag(self) -> str:
+        """E.g. ``gptq.w4.g128.sym`` (``.act`` for act_order, ``.static`` for static groups, then the observer)."""
+        extra = (".act" if self.act_order else "") + (".static" if self.static_groups else "")
+        obs = "" if self.observer == "minmax" else f".{self.observer}"
+        return f"gptq.w{self.bits}.{group_tag(self.group_size)}.{'sym' if self.symmetric else 'asym'}{extra}{obs}"
 
 
 @dataclass(frozen=True)
@@ -77,20 +112,6 @@ def _inverse_cholesky(H: Tensor, percdamp: float, notes: list[str]) -> tuple[Ten
                          "used an identity Hessian inverse, i.e. round-to-nearest for this layer")
             return torch.eye(H.shape[0], dtype=H.dtype, device=H.device), damp
         damp = next_damp
-
-
-@contextlib.contextmanager
-def _one_thread() -> Iterator[None]:
-    """Run the solve on one intra-op thread: its thousands of tiny column ops lose more to thread sync than they gain.
-
-    Measured on the shared 2-core CPU here: a 576 x 576 solve took 0.10 s on one thread and 4.1 s on two.
-    """
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _column_qparams(W: Tensor, bits: int, symmetric: bool, observer: str) -> tuple[Tensor, Tensor]:
@@ -135,7 +156,9 @@ class GPTQ:
         ``group_size``: None per-channel, -1 per-tensor, g per group (recomputed at each group start from the
         error-updated weights, as the reference; ``static_groups`` computes them all up front instead).
         """
-        with _one_thread():
+        # one intra-op thread: the solve's thousands of tiny column ops lose more to thread sync than they gain
+        # (measured on the shared 2-core CPU here: a 576 x 576 solve took 0.10 s on one thread and 4.1 s on two)
+        with num_threads(1):
             return self._quantize(bits, group_size, symmetric, act_order, static_groups, percdamp, block_size, pad, observer)
 
     def _quantize(self, bits: int, group_size: int | None, symmetric: bool, act_order: bool, static_groups: bool,

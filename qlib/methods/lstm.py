@@ -112,7 +112,8 @@ def _masked_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 def _train_detector(kind: str, tmp: Path, smoke: bool, progress: bool) -> dict:
     """Fit one detector on the fit part of the clean train series, save safetensors to ``tmp``; return its meta."""
-    from qlib.lab.models import _fit, _threads
+    from qlib.lab.bench import num_threads
+    from qlib.lab.models import train_steps
 
     r = (DETECTOR_RECIPES if kind == "bilstm" else MLP_RECIPES)[smoke]
     s = ecg_series()
@@ -127,8 +128,8 @@ def _train_detector(kind: str, tmp: Path, smoke: bool, progress: bool) -> dict:
     model = _new_detector(kind, r)
     opt = torch.optim.Adam(model.parameters(), lr=r["lr"])
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=r["lr"], total_steps=len(batches), pct_start=0.2)
-    with _threads(r["threads"]):
-        seconds = _fit(model, lambda b: _masked_mse(model(x_all[b]), y_all[b]), batches, opt, sched,
+    with num_threads(r["threads"]):
+        seconds = train_steps(model, lambda b: _masked_mse(model(x_all[b]), y_all[b]), batches, opt, sched,
                        f"train ecg-{kind}", progress)
     model.eval()
     val = detector_scores(torch_predict(model), s["val"])
@@ -149,11 +150,11 @@ def _new_detector(kind: str, r: dict) -> nn.Module:
 
 def load_detector(kind: str = "bilstm", smoke: bool = False, progress: bool = True) -> nn.Module:
     """The ECG detector (``"bilstm"`` or the ``"mlp"`` control), trained once and cached under data/cache/models."""
-    from qlib.lab.models import _cached
+    from qlib.lab.models import cached_build
 
     r = (DETECTOR_RECIPES if kind == "bilstm" else MLP_RECIPES)[smoke]
     key = f"ecg-{kind}" + ("-smoke" if smoke else "")
-    path = _cached(key, lambda tmp: _train_detector(kind, tmp, smoke, progress), recipe=r)
+    path = cached_build(key, lambda tmp: _train_detector(kind, tmp, smoke, progress), recipe=r)
     model = _new_detector(kind, r)
     model.load_state_dict(load_file(str(path / "model.safetensors")), strict=True)
     return model.eval()
@@ -161,9 +162,9 @@ def load_detector(kind: str = "bilstm", smoke: bool = False, progress: bool = Tr
 
 def detector_meta(kind: str = "bilstm", smoke: bool = False) -> dict:
     """The cached detector's meta.json (recipe, training seconds, parameters)."""
-    from qlib.lab.models import _entry
+    from qlib.lab.models import cache_entry
 
-    return json.loads((_entry(f"ecg-{kind}" + ("-smoke" if smoke else "")) / "meta.json").read_text())
+    return json.loads((cache_entry(f"ecg-{kind}" + ("-smoke" if smoke else "")) / "meta.json").read_text())
 
 
 # --------------------------------------------------------------------------------------------------

@@ -30,9 +30,10 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from qlib.quant.config import GPTQConfig
 from qlib.lab.eval import kl_top1
-from qlib.quant.kernels import (INT4_N_MULTIPLE, INT8_K_MULTIPLE, _kernel_group, _round_up, weight_codes)
+from qlib.methods.gptq import GPTQConfig
+from qlib.quant.kernels import INT4_N_MULTIPLE, INT8_K_MULTIPLE, kernel_group, round_up, weight_codes
+from qlib.quant.modules import logits_of
 from qlib.quant.primitives import QParams, check_bits, dequantize
 
 
@@ -87,11 +88,11 @@ def packed_linear_bytes(out_features: int, in_features: int, option: LayerOption
     el = torch.empty((), dtype=act_dtype).element_size()
     extra = 4 * out_features if bias else 0
     if option.bits > 4:
-        return out_features * _round_up(in_features, INT8_K_MULTIPLE) + out_features * el + extra
+        return out_features * round_up(in_features, INT8_K_MULTIPLE) + out_features * el + extra
     g = option.group_size
-    k_codes = in_features if g is None else _round_up(in_features, g)
-    kg = _kernel_group(k_codes if g is None else g, k_codes, out_features)
-    n_pad, k_pad = _round_up(out_features, INT4_N_MULTIPLE), _round_up(in_features, kg)
+    k_codes = in_features if g is None else round_up(in_features, g)
+    kg = kernel_group(k_codes if g is None else g, k_codes, out_features)
+    n_pad, k_pad = round_up(out_features, INT4_N_MULTIPLE), round_up(in_features, kg)
     return n_pad * k_pad // 2 + (k_pad // kg) * n_pad * 2 * el + extra
 
 
@@ -171,11 +172,6 @@ def _blocks(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
     return blocks_path(model, spec), get_blocks(model, spec)
 
 
-def _logits(model: nn.Module, ids: Tensor) -> Tensor:
-    out = model(ids)
-    return (out.logits if hasattr(out, "logits") else out).float()
-
-
 class _SkipPrefix:
     """While active, blocks ``< start`` are not run: block ``start - 1`` returns its cached FP32 output.
 
@@ -241,7 +237,7 @@ def layer_sensitivity(model: nn.Module, windows: Tensor, options: Mapping[str, I
     try:
         with torch.inference_mode():
             if ref_logits is None:
-                ref_logits = [_logits(model, w[None]) for w in windows]
+                ref_logits = [logits_of(model(w[None])).float() for w in windows]
             cached = _block_outputs(model, found[1], windows) if found else None
             todo = [(f, list(opts)) for f, opts in options.items()
                     if any(o.tag not in results.get(f, {}) for o in opts)]
@@ -261,9 +257,9 @@ def layer_sensitivity(model: nn.Module, windows: Tensor, options: Mapping[str, I
                         for i, w in enumerate(windows):
                             if cached is not None and start > 0:
                                 with _SkipPrefix(found[1], cached, i, start):
-                                    logits = _logits(model, w[None])
+                                    logits = logits_of(model(w[None])).float()
                             else:
-                                logits = _logits(model, w[None])
+                                logits = logits_of(model(w[None])).float()
                             kl += kl_top1(ref_logits[i], logits)["kl"]
                         row[o.tag] = kl / len(windows)
                 finally:

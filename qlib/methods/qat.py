@@ -1,6 +1,6 @@
 """Quantization-aware training (QAT): fake-quant modules with a straight-through estimator, and a small training loop.
 
-    model = prepare_qat(model, QATConfig(weight_bits=4, weight_granularity="tensor", scales="lsq"), calib=batches)
+    quantize_(model, QATConfig(weight_bits=4, weight_granularity="tensor", scales="lsq"), calib=batches)
     history = train(model, loss_of, batches, lr=2e-5, eval_fn=..., eval_at=[0, 50, 100])
 
 What is quantized: the WEIGHT and the INPUT of every selected ``nn.Linear`` / ``nn.Conv2d`` (subclasses included,
@@ -36,31 +36,23 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from qlib.quant.api import _set_module, calibrate_act_ranges
-from qlib.quant.primitives import check_bits, qparams, qparams_from_range
+from qlib.quant.api import calibrate_act_ranges, quantize_, register
+from qlib.quant.config import FakeQuantConfig
+from qlib.quant.modules import set_module
+from qlib.quant.primitives import qparams, qparams_from_range
 
 SCALE_MODES = ("lsq", "minmax")
-QUANT_TYPES = (nn.Linear, nn.Conv2d)
 
 
 @dataclass(frozen=True)
-class QATConfig:
+class QATConfig(FakeQuantConfig):
     """What QAT fake-quantizes: weight bits/granularity/symmetry, activation bits (None: weight-only), how scales move."""
 
-    weight_bits: int = 4
-    weight_granularity: str = "tensor"  # "tensor" or "channel" (per output channel)
-    weight_symmetric: bool = True
-    act_bits: int | None = 8  # None: weight-only
-    act_symmetric: bool = False
     scales: str = "lsq"  # "lsq" (learned) or "minmax" (observed)
     act_momentum: float = 0.01  # EMA averaging constant of the "minmax" activation observer
 
     def __post_init__(self) -> None:
-        check_bits(self.weight_bits)
-        if self.act_bits is not None:
-            check_bits(self.act_bits)
-        if self.weight_granularity not in ("tensor", "channel"):
-            raise ValueError(f"weight_granularity={self.weight_granularity!r} is unknown; use 'tensor' or 'channel'")
+        super().__post_init__()
         if self.scales not in SCALE_MODES:
             raise ValueError(f"scales={self.scales!r} is unknown; use 'lsq' (learned) or 'minmax' (observed)")
         if not 0 < self.act_momentum <= 1:
@@ -183,39 +175,41 @@ class QATModule(nn.Module):
 # preparing a model
 
 
-def select_modules(model: nn.Module, filter_fn: Callable[[nn.Module, str], bool] | None = None) -> list[str]:
-    """Names of the ``nn.Linear`` / ``nn.Conv2d`` modules (subclasses included) that ``filter_fn(module, fqn)`` accepts."""
-    return [n for n, m in model.named_modules()
-            if isinstance(m, QUANT_TYPES) and not isinstance(m, QATModule) and (filter_fn is None or filter_fn(m, n))]
-
-
 def prepare_qat(model: nn.Module, config: QATConfig, calib: Iterable | None = None,
-                filter_fn: Callable[[nn.Module, str], bool] | None = None, progress: bool = False) -> nn.Module:
-    """Wrap the selected layers of ``model`` (in place) in ``QATModule``s initialised at their PTQ parameters.
-
-    Activation ranges are calibrated (min-max, per tensor) on ``calib`` first: model inputs, as for ``quantize_``.
-    Returns the model; ``model.qlib_qat`` records ``{fqn: config}``.
-    """
+                filter_fn: Callable[[nn.Module, str], bool] | None = None) -> nn.Module:
+    """``quantize_(model, config, filter_fn, calib)``: wrap the selected layers (in place) in ``QATModule``s at their PTQ parameters."""
     if not isinstance(config, QATConfig):
         raise TypeError(f"config must be a qlib.methods.qat.QATConfig, got {type(config).__name__}")
-    fqns = select_modules(model, filter_fn)
-    if not fqns:
-        raise ValueError("no nn.Linear or nn.Conv2d matched; check filter_fn against [n for n, _ in model.named_modules()]")
+    return quantize_(model, config, filter_fn, calib)
+
+
+def wrap_fake_quant(model: nn.Module, config: FakeQuantConfig, fqns: list[str], calib: Iterable | None,
+                    scales: str = "minmax", act_momentum: float = 0.01) -> nn.Module:
+    """Wrap each layer in ``fqns`` (in place) in a ``QATModule`` initialised at its PTQ parameters.
+
+    Activation ranges are calibrated (min-max, per tensor) on ``calib`` first: model inputs, as for ``quantize_``.
+    """
     ranges = {}
     if config.act_bits is not None:
         if calib is None:
-            raise ValueError("QAT with quantized activations needs calibration batches to start from: pass calib=[batch, ...]")
-        obs = calibrate_act_ranges(model, fqns, calib, config.act_bits, config.act_symmetric, progress=progress)
+            raise ValueError("fake-quant with quantized activations needs calibration batches to start from: "
+                             "pass calib=[batch, ...]")
+        obs = calibrate_act_ranges(model, fqns, calib, config.act_bits, config.act_symmetric, progress=False)
         ranges = {f: (o.lo, o.hi) for f, o in obs.items()}
     for f in fqns:
         mod = model.get_submodule(f)
-        wfq = WeightFakeQuant(mod.weight, config.weight_bits, config.weight_symmetric, config.weight_granularity, config.scales)
+        wfq = WeightFakeQuant(mod.weight, config.weight_bits, config.weight_symmetric, config.weight_granularity, scales)
         afq = None
         if config.act_bits is not None:
-            afq = ActFakeQuant(*ranges[f], config.act_bits, config.act_symmetric, config.scales, config.act_momentum)
-        _set_module(model, f, QATModule(mod, wfq, afq).to(mod.weight.device))
-    model.qlib_qat = {f: config for f in fqns}
+            afq = ActFakeQuant(*ranges[f], config.act_bits, config.act_symmetric, scales, act_momentum)
+        set_module(model, f, QATModule(mod, wfq, afq).to(mod.weight.device))
     return model
+
+
+@register(QATConfig)
+def apply_qat(model: nn.Module, config: QATConfig, fqns: list[str], calib: Iterable | None = None) -> nn.Module:
+    """``quantize_``'s QAT handler: the selected layers become ``QATModule``s (step 0 = PTQ), ready for ``train``."""
+    return wrap_fake_quant(model, config, fqns, calib, config.scales, config.act_momentum)
 
 
 def scale_parameters(model: nn.Module) -> list[nn.Parameter]:

@@ -1,7 +1,9 @@
 """One entry point, ``quantize_(model, config, filter_fn, calib)``, dispatching to a registry of handlers.
 
 A handler is ``fn(model, config, fqns, calib) -> model`` registered for a config class with
-``@register(ConfigClass)``; ``fqns`` are the names of the ``nn.Linear`` modules the filter selected.
+``@register(ConfigClass)``, next to the method it runs (GPTQ in ``qlib.methods.gptq``, QAT in ``qlib.methods.qat``,
+...); ``fqns`` are the names of the modules the filter selected among ``config.targets`` (``nn.Linear`` unless
+the config says otherwise: QAT and CNN configs also take ``nn.Conv2d``).
 ``quantize_`` works in place, returns the model and records what it did in ``model.qlib_quantized``
 (``{fqn: config}``, merged over calls so different layers can get different configs).
 
@@ -19,15 +21,15 @@ packed weights and real kernels in ``qlib.quant.kernels``, never from these):
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping
 from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from qlib.quant.config import AWQConfig, QuantConfig, RTNConfig, W8A8Config
+from qlib.quant.config import QuantConfig, RTNConfig, W8A8Config
 from qlib.quant.fakequant import ActRangeObserver, QuantLinear
+from qlib.quant.modules import model_device, run_batch, set_module
 from qlib.quant.primitives import check_finite, group_size_for, qparams, quant_dequant
 
 FilterFn = Callable[[nn.Module, str], bool]
@@ -63,24 +65,30 @@ def default_filter(module: nn.Module, fqn: str) -> bool:
 
 def select_linears(model: nn.Module, filter_fn: FilterFn | None = None) -> list[str]:
     """Names of the ``nn.Linear`` modules of ``model`` that ``filter_fn(module, fqn)`` accepts."""
-    keep = filter_fn or default_filter
-    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and keep(m, n)]
+    return select_modules(model, filter_fn, (nn.Linear,))
+
+
+def select_modules(model: nn.Module, filter_fn: FilterFn | None, types: tuple[type[nn.Module], ...]) -> list[str]:
+    """Names of the modules of ``types`` (subclasses included) that ``filter_fn(module, fqn)`` accepts (default: all)."""
+    return [n for n, m in model.named_modules() if isinstance(m, types) and (filter_fn is None or filter_fn(m, n))]
 
 
 def quantize_(model: nn.Module, config: QuantConfig, filter_fn: FilterFn | None = None, calib: Iterable | None = None) -> nn.Module:
-    """Quantize the selected ``nn.Linear`` layers of ``model`` in place with ``config``; return ``model``.
+    """Quantize the selected layers of ``model`` in place with ``config``; return ``model``.
 
-    ``filter_fn(module, fqn)`` is called on ``nn.Linear`` modules only (default: all of them). ``calib`` is
+    ``filter_fn(module, fqn)`` is called on modules of ``config.targets`` only (``nn.Linear`` for most configs;
+    default: all of them). ``calib`` is
     an iterable of model inputs (dicts -> ``model(**b)``, tensors -> ``model(b)``),
     needed by configs that calibrate (W8A8 static) and ignored by the others.
     """
     if not isinstance(config, QuantConfig):
         raise TypeError(f"config must be a qlib.quant.config.QuantConfig, got {type(config).__name__}; e.g. RTNConfig(bits=4)")
     handler = _handler_for(config)
-    fqns = select_linears(model, filter_fn)
+    fqns = select_modules(model, filter_fn, config.targets)
     if not fqns:
-        n_lin = sum(isinstance(m, nn.Linear) for m in model.modules())
-        raise ValueError(f"filter_fn matched no nn.Linear in {type(model).__name__} ({n_lin} nn.Linear present); "
+        kinds = " or ".join(f"nn.{t.__name__}" for t in config.targets)
+        n_lin = sum(isinstance(m, config.targets) for m in model.modules())
+        raise ValueError(f"filter_fn matched no {kinds} in {type(model).__name__} ({n_lin} present); "
                          "check the names it tests against [n for n, _ in model.named_modules()]")
     model = handler(model, config, fqns, calib)
     done = dict(getattr(model, "qlib_quantized", {}))
@@ -102,13 +110,7 @@ def _param_owners(model: nn.Module) -> dict[int, list[str]]:
     return owners
 
 
-def _set_module(model: nn.Module, fqn: str, new: nn.Module) -> None:
-    """Replace the submodule at dotted name ``fqn``."""
-    parent_name, _, child = fqn.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
-
-
-def _check_weights(model: nn.Module, fqns: list[str], granularity: Any, pad: bool = False) -> None:
+def check_weights(model: nn.Module, fqns: list[str], granularity: Any, pad: bool = False) -> None:
     """Validate every selected weight (group size divides unless ``pad``, finite) before anything is changed."""
     for f in fqns:
         w = model.get_submodule(f).weight
@@ -117,17 +119,6 @@ def _check_weights(model: nn.Module, fqns: list[str], granularity: Any, pad: boo
             check_finite(w.detach(), f"{f}.weight")
         except ValueError as e:
             raise ValueError(f"layer {f}: {e}") from e
-
-
-def _forward(model: nn.Module, batch: Any, device: torch.device) -> None:
-    """Run one calibration batch through ``model``: a mapping (dict, BatchEncoding) -> **kwargs, a tensor -> arg."""
-    if isinstance(batch, Mapping):
-        model(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()})
-    elif isinstance(batch, torch.Tensor):
-        model(batch.to(device))
-    else:
-        raise ValueError(f"calibration batch of type {type(batch).__name__} is not supported; pass model inputs only, "
-                         "as dicts of tensors or tensors (e.g. calib=[x for x, _ in loader])")
 
 
 def calibrate_act_ranges(model: nn.Module, fqns: list[str], calib: Iterable, bits: int, symmetric: bool,
@@ -143,15 +134,14 @@ def calibrate_act_ranges(model: nn.Module, fqns: list[str], calib: Iterable, bit
         return hook
 
     hooks = [model.get_submodule(f).register_forward_pre_hook(hook_for(f)) for f in fqns]
-    params = list(model.parameters())
-    device = params[0].device if params else torch.device("cpu")
+    device = model_device(model)
     was_training, n = model.training, 0
     model.eval()
     try:
         with torch.inference_mode():
             total = len(calib) if hasattr(calib, "__len__") else None
             for batch in tqdm(calib, total=total, desc="calibrate", disable=not progress):
-                _forward(model, batch, device)
+                run_batch(model, batch, device)
                 n += 1
     finally:
         for h in hooks:
@@ -171,9 +161,9 @@ def calibrate_act_ranges(model: nn.Module, fqns: list[str], calib: Iterable, bit
 
 
 @register(RTNConfig)
-def _rtn(model: nn.Module, config: RTNConfig, fqns: list[str], calib: Any = None) -> nn.Module:
-    """Replace each selected weight by its round-to-nearest quant-dequant values (fake-quant, accuracy only)."""
-    _check_weights(model, fqns, config.granularity, config.pad)
+def apply_rtn(model: nn.Module, config: RTNConfig, fqns: list[str], calib: Any = None) -> nn.Module:
+    """Replace the weight of each linear in ``fqns`` by its round-to-nearest quant-dequant values, in place (fake-quant)."""
+    check_weights(model, fqns, config.granularity, config.pad)
     owners, selected, done = _param_owners(model), set(fqns), set()
     with torch.no_grad():
         for f in tqdm(fqns, desc=f"RTN {config.tag}", disable=len(fqns) < 8):
@@ -196,7 +186,7 @@ def _rtn(model: nn.Module, config: RTNConfig, fqns: list[str], calib: Any = None
 @register(W8A8Config)
 def _w8a8(model: nn.Module, config: W8A8Config, fqns: list[str], calib: Any = None) -> nn.Module:
     """Swap each selected linear for a QuantLinear; static mode calibrates input ranges first."""
-    _check_weights(model, fqns, config.weight_granularity)
+    check_weights(model, fqns, config.weight_granularity)
     act_qp = {}
     if config.act_mode == "static":
         if calib is None:
@@ -207,16 +197,5 @@ def _w8a8(model: nn.Module, config: W8A8Config, fqns: list[str], calib: Any = No
         lin = model.get_submodule(f)
         ql = QuantLinear(lin, config.weight_bits, config.weight_symmetric, config.weight_granularity,
                          config.act_bits, config.act_symmetric, config.act_granularity, act_qp.get(f))
-        _set_module(model, f, ql.to(lin.weight.device))
+        set_module(model, f, ql.to(lin.weight.device))
     return model
-
-
-@register(AWQConfig)
-def _awq(model: nn.Module, config: AWQConfig, fqns: list[str], calib: Any = None) -> nn.Module:
-    """AWQ scale (and clip) search on ``calib``, then fold + round to nearest (``qlib.methods.awq``); fake-quant, accuracy only."""
-    from qlib.methods.awq import quantize_awq  # imported here: qlib.methods.awq builds on this module
-
-    return quantize_awq(model, config, fqns, calib)
-
-
-import qlib.methods.gptq  # noqa: E402,F401  registers the GPTQConfig handler (qlib.methods.gptq imports register from here)

@@ -24,8 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from qlib.quant.api import _check_weights, _set_module, register
+from qlib.quant.api import check_weights, register
 from qlib.quant.config import QuantConfig
+from qlib.quant.modules import set_module
 
 
 @dataclass(frozen=True)
@@ -157,8 +158,8 @@ class FP8Linear(nn.Module):
 @register(FP8Config)
 def _fp8(model: nn.Module, config: FP8Config, fqns: list[str], calib=None) -> nn.Module:
     """``quantize_`` handler: swap each selected linear for an ``FP8Linear`` (fake-quant, accuracy only)."""
-    _check_weights(model, fqns, "channel")
+    check_weights(model, fqns, "channel")
     for f in fqns:
         lin = model.get_submodule(f)
-        _set_module(model, f, FP8Linear(lin, config).to(lin.weight.device))
+        set_module(model, f, FP8Linear(lin, config).to(lin.weight.device))
     return model

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from qlib.quant.modules import set_module
 from qlib.quant.primitives import QParams, qparams, quantize
 
 INT4_GROUP_SIZES = (32, 64, 128, 256)  # the only groups _weight_int4pack_mm_for_cpu accepts
@@ -47,7 +48,7 @@ log = logging.getLogger(__name__)
 # helpers: padding, per-row scale/zero tables
 
 
-def _round_up(n: int, multiple: int) -> int:
+def round_up(n: int, multiple: int) -> int:
     """Smallest multiple of ``multiple`` that is >= ``n``."""
     return -(-n // multiple) * multiple
 
@@ -118,7 +119,7 @@ def weight_codes(weight: Tensor, bits: int = 4, group_size: int | None = 128, sy
         if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
             raise ValueError(f"group_size={group_size!r} is invalid; use a positive group size such as 128, or None "
                              "for per-channel")
-        w = F.pad(w, (0, _round_up(w.shape[1], group_size) - w.shape[1]))
+        w = F.pad(w, (0, round_up(w.shape[1], group_size) - w.shape[1]))
     qp = qparams(w, bits, symmetric, "channel" if group_size is None else group_size, observer, name="weight",
                  **observer_kw)
     return quantize(w, qp), qp
@@ -140,7 +141,7 @@ class Int8WeightOnlyLinear(nn.Module):
         super().__init__()
         _check_act_dtype(act_dtype)
         self.in_features, self.out_features, self.act_dtype = in_features, out_features, act_dtype
-        k_pad = _round_up(in_features, INT8_K_MULTIPLE)
+        k_pad = round_up(in_features, INT8_K_MULTIPLE)
         self.register_buffer("weight_int8", torch.zeros(out_features, k_pad, dtype=torch.int8))
         self.register_buffer("scales", torch.ones(out_features, dtype=act_dtype))
         self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
@@ -201,12 +202,12 @@ class Int8WeightOnlyLinear(nn.Module):
 # INT4 weight-only (also runs 2- and 3-bit codes, stored in 4 bits)
 
 
-def _kernel_group(group: int, k: int, n: int) -> int:
+def kernel_group(group: int, k: int, n: int) -> int:
     """The kernel group for a quantization group: itself if allowed, a divisor of it, or (per-channel) the cheapest."""
     if group in INT4_GROUP_SIZES:
         return group
     if group == k:  # per-channel: repeat the row's scale over kernel groups; pick the fewest bytes
-        return min(INT4_GROUP_SIZES, key=lambda g: _round_up(k, g) * n // 2 + _round_up(k, g) // g * n * 4)
+        return min(INT4_GROUP_SIZES, key=lambda g: round_up(k, g) * n // 2 + round_up(k, g) // g * n * 4)
     fits = [g for g in INT4_GROUP_SIZES if group % g == 0]
     if not fits:
         raise ValueError(f"group size {group} cannot run on the int4 kernel, which needs groups of "
@@ -234,7 +235,7 @@ class Int4WeightOnlyLinear(nn.Module):
             raise ValueError(f"group_size={group_size} is not supported by the int4 kernel; use one of {INT4_GROUP_SIZES}")
         self.in_features, self.out_features, self.group_size, self.act_dtype = in_features, out_features, group_size, act_dtype
         self.cpu_capability = torch.backends.cpu.get_cpu_capability()  # the packed layout depends on it
-        n_pad, k_pad = _round_up(out_features, INT4_N_MULTIPLE), _round_up(in_features, group_size)
+        n_pad, k_pad = round_up(out_features, INT4_N_MULTIPLE), round_up(in_features, group_size)
         self.register_buffer("weight_packed", torch.zeros(n_pad, k_pad // 2, dtype=torch.uint8))
         self.register_buffer("scales_and_zeros", torch.zeros(k_pad // group_size, n_pad, 2, dtype=act_dtype))
         self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
@@ -254,7 +255,7 @@ class Int4WeightOnlyLinear(nn.Module):
         n, k = codes.shape
         in_features = k if in_features is None else in_features
         _check_padding_is_zero(codes, scale, zero, group, in_features)
-        kg = _kernel_group(group, k, n)
+        kg = kernel_group(group, k, n)
         mod = cls(in_features, n, kg, bias is not None, act_dtype)
         n_pad, k_pad = mod.weight_packed.shape[0], mod.weight_packed.shape[1] * 2
         # per kernel group: the quantization group's scale and zero (a group of g spans g / kg kernel groups)
@@ -333,12 +334,6 @@ class Int4WeightOnlyLinear(nn.Module):
 # whole models
 
 
-def _set_module(model: nn.Module, fqn: str, new: nn.Module) -> None:
-    """Replace the submodule at dotted name ``fqn``."""
-    parent, _, child = fqn.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, new)
-
-
 def _output_embedding_name(model: nn.Module) -> str | None:
     """Dotted name of the model's output projection (HF ``get_output_embeddings``, else a child called lm_head)."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
@@ -409,7 +404,7 @@ def pack_model(model: nn.Module, bits: int = 4, group_size: int | None = 128, sy
             else:
                 codes, qp = weight_codes(lin.weight, bits, None, True)
                 new = Int8WeightOnlyLinear.from_codes(codes, qp, lin.bias, act_dtype)
-            _set_module(model, f, new)
+            set_module(model, f, new)
     if tied:
         _untie_config(model, tied)
     _guard_save_pretrained(model)
@@ -440,7 +435,7 @@ def pack_quantized(model: nn.Module, quantized: dict[str, tuple[Tensor, QParams]
         for f, (codes, qp) in tqdm(quantized.items(), desc="pack quantized", disable=not progress):
             lin = model.get_submodule(f)
             cls = Int4WeightOnlyLinear if qp.bits <= 4 else Int8WeightOnlyLinear
-            _set_module(model, f, cls.from_codes(codes, qp, lin.bias, act_dtype, in_features=lin.in_features))
+            set_module(model, f, cls.from_codes(codes, qp, lin.bias, act_dtype, in_features=lin.in_features))
     if tied:
         _untie_config(model, tied)
     _guard_save_pretrained(model)
@@ -538,7 +533,7 @@ def load_packed(folder: str | Path, base: nn.Module | None = None) -> nn.Module:
             new = Int4WeightOnlyLinear(e["in_features"], e["out_features"], e["group_size"], e["bias"], dtype)
         else:
             new = Int8WeightOnlyLinear(e["in_features"], e["out_features"], e["bias"], dtype)
-        _set_module(base, name, new)
+        set_module(base, name, new)
     state = torch.load(folder / PACKED_FILE, map_location="cpu", weights_only=True)
     base.load_state_dict(state, strict=True)  # int4 layers check the CPU capability here
     _guard_save_pretrained(base)

@@ -401,7 +401,11 @@ def sqnr_db(x: Tensor, y: Tensor) -> float:
     if x.shape != y.shape:
         raise ValueError(f"shapes differ ({tuple(x.shape)} vs {tuple(y.shape)}); compare tensors of the same shape")
     xd = x.detach().double()
-    signal, noise = xd.pow(2).sum().item(), (xd - y.detach().double()).pow(2).sum().item()
+    return db_ratio(xd.pow(2).sum().item(), (xd - y.detach().double().to(xd.device)).pow(2).sum().item())
+
+
+def db_ratio(signal: float, noise: float) -> float:
+    """``10 log10(signal / noise)``, inf for zero noise and -inf for zero signal (SQNR from summed powers)."""
     if noise == 0.0:
         return math.inf
     return -math.inf if signal == 0.0 else 10.0 * math.log10(signal / noise)

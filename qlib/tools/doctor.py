@@ -22,7 +22,6 @@ import importlib.metadata as md
 import importlib.util
 import json
 import logging
-import math
 import os
 import platform
 import re
@@ -35,17 +34,16 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
+from qlib.lab.machine import read_cpuinfo
+from qlib.lab.results import PACKAGES as RESULT_PACKAGES
+from qlib.lab.results import jsonable
+
 SCHEMA = 1
 DEFAULT_TIMEOUT_S = 30.0  # cap for the package probes; ~10 s suffice on an idle 2-core machine
 STATUSES = ("ok", "warn", "fail", "missing", "timeout")  # ok/warn: the backend works
-X86_KERNEL_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_int8")
-ARM_KERNEL_FLAGS = ("asimd", "asimddp", "i8mm", "bf16", "sve")
 MARLIN_MIN_CAPABILITY = (8, 0)  # Marlin / fast AWQ kernels need Ampere or newer (article: A100, RTX 40)
-PACKAGES = (  # distributions whose versions are reported and whose declared requirements are checked
-    "torch", "transformers", "accelerate", "torchao", "numpy", "onnx", "onnxscript", "onnxruntime",
-    "onnxruntime-gpu", "optimum", "bitsandbytes", "gptqmodel", "llmcompressor", "auto-gptq", "autoawq",
-    "optimum-onnx",
-)
+ALTERNATIVES = ("onnxruntime-gpu", "auto-gptq", "autoawq", "optimum-onnx")  # backends the rules advise on, not pinned
+PACKAGES = (*(p for p in RESULT_PACKAGES if p != "qlib"), *ALTERNATIVES)  # versions reported, requirements checked
 
 
 # ----------------------------------------------------------------------------------------------- known issues
@@ -179,24 +177,6 @@ def installed_version(dist: str) -> str | None:
         return md.version(dist)
     except md.PackageNotFoundError:
         return None
-
-
-def read_cpuinfo(path: str | Path = "/proc/cpuinfo") -> dict[str, Any]:
-    """CPU model and the kernel-deciding flags from /proc/cpuinfo (first processor); empty fields if absent."""
-    model, flags = platform.processor() or platform.machine(), set()
-    try:
-        text = Path(path).read_text(errors="replace")
-    except OSError:
-        text = ""
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        key = key.strip().lower()
-        if key in ("model name", "hardware", "cpu model") and value.strip():
-            model = value.strip()
-        elif key in ("flags", "features") and not flags:
-            flags = set(value.split())
-    names = ARM_KERNEL_FLAGS if platform.machine().lower() in ("aarch64", "arm64") else X86_KERNEL_FLAGS
-    return {"model": model, "source": str(path) if text else None, "flags": {f: f in flags for f in names}}
 
 
 def _threads() -> dict[str, Any]:
@@ -639,14 +619,12 @@ CHILD_DISTS: dict[str, tuple[str, ...]] = {  # row name -> distributions that pr
 
 
 # --------------------------------------------------------------------------------------------- child process
-def _child_main(out_path: str) -> None:
+def child_main(out_path: str) -> None:
     """Run CHILD_PROBES, appending one JSON line per result to ``out_path``; all output goes to stderr."""
-    os.dup2(2, 1)  # banners printed by imported packages must not reach anyone's stdout
-    for key, value in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}.items():
-        os.environ.setdefault(key, value)
+    os.dup2(2, 1)  # banners printed by imported packages must not reach anyone's stdout (importing qlib set the offline env)
     with open(out_path, "a", encoding="utf-8") as f:
         for name, fn in CHILD_PROBES:
-            f.write(json.dumps(_finite(run_probe(name, fn, _require(*CHILD_DISTS[name])))) + "\n")
+            f.write(json.dumps(jsonable(run_probe(name, fn, _require(*CHILD_DISTS[name])), digits=4)) + "\n")
             f.flush()
 
 
@@ -654,7 +632,7 @@ def _start_child(out_path: Path, err_path: Path) -> subprocess.Popen:
     """Start the child probe process."""
     root = str(Path(__file__).resolve().parents[2])
     code = (f"import sys; sys.path.insert(0, {root!r}); "
-            f"from qlib.tools.doctor import _child_main; _child_main({str(out_path)!r})")
+            f"from qlib.tools.doctor import child_main; child_main({str(out_path)!r})")
     with open(err_path, "w") as err:
         return subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.DEVNULL, stdout=err, stderr=err,
                                 cwd=root)
@@ -695,17 +673,6 @@ def _collect_child(proc: subprocess.Popen, out_path: Path, err_path: Path, deadl
 
 
 # -------------------------------------------------------------------------------------------------- diagnose
-def _finite(x: Any) -> Any:
-    """Strict-JSON copy: non-finite floats become strings, tuples lists, floats rounded."""
-    if isinstance(x, dict):
-        return {str(k): _finite(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_finite(v) for v in x]
-    if isinstance(x, float):
-        return float(f"{x:.4g}") if math.isfinite(x) else str(x)
-    return x
-
-
 def diagnose(timeout_s: float = DEFAULT_TIMEOUT_S) -> dict[str, Any]:
     """Probe this machine's quantization backends; a broken backend becomes a row saying why, never an exception."""
     if timeout_s <= 0:
@@ -742,7 +709,7 @@ def diagnose(timeout_s: float = DEFAULT_TIMEOUT_S) -> dict[str, Any]:
     findings += _safe(lambda: cuda_findings(tinfo, nvinfo), [])
     findings += [_finding("error", u["package"], f"declares {u['requires']} but {u['installed']} is installed",
                           "installed package metadata (Requires-Dist)") for u in unmet]
-    return _finite({
+    return jsonable({
         "schema": SCHEMA, "python": {"version": platform.python_version(), "executable": sys.executable},
         "platform": {"system": platform.system(), "release": platform.release(), "machine": platform.machine()},
         "cpu": cpu, "torch": tinfo, "nvidia": nvinfo, "versions": versions, "backends": backends,

@@ -34,7 +34,8 @@ from onnx import numpy_helper
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType
 from torch import nn
 
-from qlib.lab.eval import _logits, _window_nll_sum, lm_windows
+from qlib.lab.eval import lm_windows, window_nll_sum
+from qlib.quant.modules import logits_of
 
 ARG_ORDER = ("input_ids", "attention_mask", "token_type_ids")  # positional order of the exported graph's inputs
 
@@ -50,7 +51,7 @@ class LogitsOnly(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
         given = dict(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
-        return _logits(self.model(**{k: v for k, v in given.items() if v is not None}, **self.fixed))
+        return logits_of(self.model(**{k: v for k, v in given.items() if v is not None}, **self.fixed))
 
 
 def _ordered_inputs(inputs: Mapping[str, torch.Tensor]) -> tuple[str, ...]:
@@ -245,7 +246,7 @@ def ort_perplexity(session: ort.InferenceSession, token_ids: torch.Tensor, windo
         ids = ids.unsqueeze(0)
         feed = {"input_ids": ids, **({"attention_mask": torch.ones_like(ids)} if wants_mask else {})}
         logits = torch.from_numpy(ort_logits(session, feed))
-        nll_sum += _window_nll_sum(logits, ids).item()
+        nll_sum += window_nll_sum(logits, ids).item()
         n_scored += ids.shape[1] - 1
     nll = nll_sum / n_scored
     return {"ppl": math.exp(nll), "nll": nll, "n_windows": len(windows), "n_tokens_scored": n_scored, "window": window}

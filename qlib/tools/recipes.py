@@ -31,6 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from qlib.quant import kernels
+from qlib.quant.modules import logits_of
 from qlib.lab.bench import timed_rounds
 
 # ----------------------------------------------------------------------------------------------------- context
@@ -505,8 +506,9 @@ def dir_bytes(path: str | Path) -> int:
 
 
 def _logits_of(model: nn.Module, ids: Tensor) -> Tensor:
+    """FP32 logits of an HF causal LM on ``ids`` with a full attention mask."""
     with torch.inference_mode():
-        return model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits.float()
+        return logits_of(model(input_ids=ids, attention_mask=torch.ones_like(ids))).float()
 
 
 def drop_calibration_rows(model: nn.Module) -> str:

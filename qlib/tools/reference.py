@@ -221,11 +221,11 @@ def _check_divisible(model_dir: Path, group_size: int | None, library: str) -> N
 
 def _logit_check(ours: nn.Module, library: nn.Module, window: Tensor, dtype: torch.dtype = torch.float32) -> dict:
     """Max |logit difference| between our unpacked model and the library's quantized model on one window."""
-    from qlib.lab.eval import _lm_forward
+    from qlib.lab.eval import lm_logits
 
     with torch.inference_mode():
-        ref = _lm_forward(ours, window).float()
-        lib = _lm_forward(library, window).float()
+        ref = lm_logits(ours, window).float()
+        lib = lm_logits(library, window).float()
     return {"max_abs_logit_diff": float((ref - lib).abs().max()), "max_abs_logit": float(ref.abs().max()),
             "library_dtype": str(dtype).removeprefix("torch.")}
 
@@ -241,7 +241,7 @@ def _timed(fn: Callable[[], Any]) -> tuple[Any, float]:
 # gptqmodel
 
 
-def _gptqmodel_prepare() -> None:
+def gptqmodel_prepare() -> None:
     """Import gptqmodel with the CPU worker pool it needs on a <= 2-core machine, and build its packing extension.
 
     The packing extension is a C++ JIT build (~50 s once per machine); building it here keeps it out of
@@ -329,7 +329,7 @@ def gptqmodel_gptq(model_dir: str | Path, calib: list[Tensor], bits: int = 4, gr
     path = _check_inputs(model_dir, calib)
     if block_size != 128:
         raise ValueError("gptqmodel's model-level quantize always uses 128-column lazy blocks; pass block_size=128")
-    _gptqmodel_prepare()
+    gptqmodel_prepare()
     from gptqmodel import BACKEND
     from gptqmodel.nn_modules.qlinear import BaseQuantLinear
     from gptqmodel.quantization.config import GPTQConfig as GMConfig
@@ -426,7 +426,7 @@ def gptqmodel_awq(model_dir: str | Path, calib: list[Tensor], bits: int = 4, gro
     if bad:
         raise ValueError(f"gptqmodel's AWQ clip search asserts out_features % 64 == 0 (it kills the process otherwise), "
                          f"but {bad[0]} has {clipped[bad[0]]}; use a model whose v/o/MLP widths are multiples of 64")
-    _gptqmodel_prepare()
+    gptqmodel_prepare()
     from gptqmodel import BACKEND
     from gptqmodel.nn_modules.qlinear import BaseQuantLinear
     from gptqmodel.quantization.config import AWQConfig as GMAWQConfig
