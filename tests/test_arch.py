@@ -7,8 +7,9 @@ from torch import nn
 from transformers import (BertConfig, BertForSequenceClassification, BertModel, Gemma3ForCausalLM, Gemma3TextConfig,
                           GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM)
 
-from qlib.methods.arch import (ARCHS, arch_of, blocks_path, get_blocks, linear_weight, scale_groups_for, set_linear_weight,
-                       supported_model_types)
+from qlib.methods.arch import (ARCHS, ArchSpec, arch_of, block_filter, block_linear_names, block_position, blocks_path,
+                               get_blocks, head_linear_names, linear_weight, scale_groups_for, set_linear_weight,
+                               supported_model_types, trim_blocks)
 from qlib.methods.calib import calib_batches_from_text, capture_block_inputs, capture_block_kwargs, run_block
 
 V = 97
@@ -167,3 +168,66 @@ def test_empty_calibration_raises():
     model = tiny_llama()
     with pytest.raises(ValueError, match="empty"):
         capture_block_inputs(model, [], arch_of(model))
+
+
+def test_block_linear_names_select_exactly_the_table_rows_per_family():
+    expected = {  # (first block's linears, first block's MLP down projection, head linears)
+        "llama": ("model.layers", ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                                   "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"], "mlp.down_proj", ["lm_head"]),
+        "gpt2": ("transformer.h", ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"], "mlp.c_proj", ["lm_head"]),
+        "bert": ("bert.encoder.layer", ["attention.self.query", "attention.self.key", "attention.self.value",
+                                        "attention.output.dense", "intermediate.dense", "output.dense"], "output.dense",
+                 ["bert.pooler.dense", "classifier"]),
+    }
+    for model in (tiny_llama(), tiny_gpt2(), tiny_bert()):
+        path, linears, down, head = expected[arch_of(model).family]
+        assert block_linear_names(model, 1) == [f"{path}.0.{n}" for n in linears]
+        assert block_linear_names(model) == [f"{path}.{i}.{n}" for i in range(2) for n in linears]
+        assert block_linear_names(model, roles="mlp_out") == [f"{path}.0.{down}", f"{path}.1.{down}"]
+        assert block_linear_names(model, [1], roles="mlp_out") == [f"{path}.1.{down}"]
+        attention = block_linear_names(model, 2, roles="attention")
+        mlp = block_linear_names(model, 2, roles=["mlp_in", "mlp_out"])
+        assert sorted(attention + mlp) == sorted(block_linear_names(model)) and not set(attention) & set(mlp)
+        assert head_linear_names(model) == head
+        assert block_position(model, f"{path}.1.{down}") == (1, down)
+        keep = block_filter(model, 1, "mlp")
+        assert [n for n, m in model.named_modules() if keep(m, n)] == block_linear_names(model, 1, "mlp")
+
+
+def test_block_selection_errors_say_what_to_pass():
+    model = tiny_llama()
+    with pytest.raises(ValueError, match="1..2"):
+        block_linear_names(model, 3)
+    with pytest.raises(ValueError, match="pick one of"):
+        block_linear_names(model, roles="ffn")
+    with pytest.raises(ValueError, match="not inside the blocks"):
+        block_position(model, "lm_head")
+    with pytest.raises(ValueError, match="1..2"):
+        trim_blocks(model, 0)
+
+
+def test_every_table_row_has_one_group_per_role():
+    for spec in ARCHS:
+        assert set(spec.role_linears("attention")) | set(spec.role_linears("mlp")) == set(spec.linears)
+    with pytest.raises(ValueError, match="one per role"):
+        ArchSpec(family="x", model_types=("x",), blocks="layers", sequential=(("a",),), scale_groups=())
+
+
+def test_trim_blocks_keeps_a_working_forward_equal_to_the_first_blocks():
+    x = ids(1)[0]
+    final_norm = {"llama": "model.norm", "gemma3": "model.norm", "gpt2": "transformer.ln_f"}
+    for make in (tiny_llama, tiny_gemma3, tiny_gpt2):
+        full, model = make(), make()
+        trim_blocks(model, 1)
+        assert len(get_blocks(model, arch_of(model))) == 1 and model.config.num_hidden_layers == 1
+        with torch.no_grad():
+            after_block0 = full(x, output_hidden_states=True).hidden_states[1]
+            expected = full.get_output_embeddings()(full.get_submodule(final_norm[arch_of(full).family])(after_block0))
+            logits = model(x).logits
+            generated = model.generate(x[:, :4], max_new_tokens=3, do_sample=False)  # the KV cache sizes itself from the config
+        torch.testing.assert_close(logits, expected)  # the trimmed model is the first block, the final norm and the head
+        assert generated.shape == (1, 7)
+    bert = trim_blocks(tiny_bert(), 1)
+    with torch.no_grad():
+        logits = bert(**bert_batches()[0]).logits
+    assert logits.shape == (2, 2) and torch.isfinite(logits).all() and bert.config.num_hidden_layers == 1

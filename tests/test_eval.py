@@ -3,11 +3,7 @@ from __future__ import annotations
 
 import copy
 import math
-import os
 from types import SimpleNamespace
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import numpy as np
 import pytest
@@ -15,6 +11,7 @@ import torch
 from torch import nn
 
 from qlib.lab import eval as qeval
+from qlib.quant.primitives import sqnr_db
 
 torch.set_num_threads(1)
 
@@ -163,10 +160,10 @@ def test_sqnr_known_noise_and_equal():
     g = torch.Generator().manual_seed(6)
     ref = torch.randn(200_000, generator=g)  # power ~1
     noise = 0.1 * torch.randn(200_000, generator=g)  # power ~0.01
-    assert qeval.sqnr(ref, ref + noise) == pytest.approx(20.0, abs=0.1)
-    assert qeval.sqnr(ref, ref.clone()) == math.inf
+    assert sqnr_db(ref, ref + noise) == pytest.approx(20.0, abs=0.1)
+    assert sqnr_db(ref, ref.clone()) == math.inf
     exact = torch.ones(100)
-    assert qeval.sqnr(exact, exact * 1.1) == pytest.approx(20.0, abs=1e-5)  # noise power 0.01 (up to fp32 rounding of 1.1)
+    assert sqnr_db(exact, exact * 1.1) == pytest.approx(20.0, abs=1e-5)  # noise power 0.01 (up to fp32 rounding of 1.1)
 
 
 def test_layer_sqnr_finds_the_perturbed_layer():
@@ -228,3 +225,54 @@ def test_perplexity_matches_hf_loss_on_tiny_llama():
         losses = [model(input_ids=w[None], labels=w[None]).loss.item() for w in qeval.lm_windows(ids, 32)]
     assert res["nll"] == pytest.approx(float(np.mean(losses)), rel=1e-5)
     assert res["n_windows"] == 4
+
+
+def _tiny_llama_and_perturbed():
+    from test_arch import tiny_llama
+
+    ref, model = tiny_llama(), tiny_llama()
+    with torch.no_grad():
+        for p in model.model.layers[0].mlp.parameters():
+            p.add_(0.3 * torch.randn(p.shape, generator=torch.Generator().manual_seed(8)))
+    return ref, model
+
+
+def test_evaluate_lm_equals_perplexity_and_kl_top1_on_tiny_llama():
+    ref, model = _tiny_llama_and_perturbed()
+    g = torch.Generator().manual_seed(6)
+    ids = {"a": torch.randint(0, 97, (3 * 16 + 5,), generator=g), "b": torch.randint(0, 97, (2 * 16,), generator=g)}
+    windows = {d: qeval.lm_windows(x, 16) for d, x in ids.items()}
+    ref_logits = qeval.reference_logits(ref, {"a": windows["a"]})  # KL / top-1 on domain "a" only
+    res = qeval.evaluate_lm(model, windows, ref_logits)
+    for d, x in ids.items():  # bit-for-bit the same perplexity as the streaming function, one window per batch
+        assert res[d].ppl == qeval.perplexity(model, x, 16, progress=False)["ppl"]
+        assert res[d].n_tokens_scored == sum(res[d].window_tokens) == len(windows[d]) * 15
+    with torch.no_grad():
+        direct = qeval.kl_top1(ref(windows["a"]).logits, model(windows["a"]).logits)
+    assert res["a"].kl == pytest.approx(direct["kl"], rel=1e-5) and res["a"].kl > 0
+    assert res["a"].top1 == direct["top1_agreement"] < 1.0
+    assert res["b"].kl is None and res["b"].top1 is None and res["b"].window_kl is None
+    assert sum(res["a"].window_top1) == round(direct["top1_agreement"] * direct["n_positions"])
+    assert math.exp(sum(res["a"].window_nll) / sum(res["a"].window_tokens)) == pytest.approx(res["a"].ppl, rel=1e-12)
+
+
+def test_evaluate_lm_against_itself_and_through_a_callable():
+    ref, model = _tiny_llama_and_perturbed()
+    windows = torch.randint(0, 97, (3, 16), generator=torch.Generator().manual_seed(7))
+    own = qeval.evaluate_lm(ref, windows, qeval.reference_logits(ref, windows))
+    assert own.kl == pytest.approx(0.0, abs=1e-6) and own.top1 == 1.0
+    ref_logits = qeval.reference_logits(ref, windows)
+    as_module = qeval.evaluate_lm(model, windows, ref_logits)
+    as_numpy_callable = qeval.evaluate_lm(lambda x: model(x).logits.numpy(), windows, ref_logits)  # like ort_logits
+    assert as_numpy_callable == as_module
+
+
+def test_evaluate_lm_rejects_mismatched_reference():
+    ref, model = _tiny_llama_and_perturbed()
+    windows = torch.randint(0, 97, (3, 16), generator=torch.Generator().manual_seed(7))
+    with pytest.raises(ValueError, match="reference_logits"):
+        qeval.evaluate_lm(model, windows, qeval.reference_logits(ref, windows[:2]))
+    with pytest.raises(ValueError, match="no windows"):
+        qeval.evaluate_lm(model, {"a": windows}, {"b": qeval.reference_logits(ref, windows)})
+    with pytest.raises(ValueError, match="lm_windows"):
+        qeval.evaluate_lm(model, windows.flatten())

@@ -1,10 +1,13 @@
-"""Quality metrics: perplexity, KL / top-1 agreement against a reference model, accuracy, F1, SQNR.
+"""Quality metrics: perplexity, KL / top-1 agreement against a reference model, accuracy, F1, per-layer SQNR.
 
 Perplexity protocol (the GPTQ paper's, Frantar et al. 2022, ``datautils.py`` / ``opt_eval``): the test
 text is tokenized once as one stream, cut into non-overlapping windows of ``window`` tokens (the
 remainder is dropped), and every window is scored on its own, with no context carried over from the
 previous one. Inside a window token ``t`` is predicted from tokens ``< t``; the first token of a window is
 never predicted. So each window contributes ``window - 1`` scored tokens.
+
+``evaluate_lm`` gets perplexity, KL and top-1 agreement from one forward pass per window, per domain, against
+reference logits computed once by ``reference_logits``.
 
 All inference runs under ``torch.inference_mode()`` with the model in eval mode; log-probabilities are
 computed in float32 whatever the model's dtype.
@@ -13,6 +16,8 @@ from __future__ import annotations
 
 import inspect
 import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any, Iterable
 
 import numpy as np
@@ -20,6 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
+
+from qlib.quant.modules import logits_of
+from qlib.quant.primitives import db_ratio
 
 
 # --------------------------------------------------------------------------------------------------
@@ -34,23 +42,12 @@ def _device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype | None]:
     return device, dtype
 
 
-def _logits(out: Any) -> torch.Tensor:
-    """Logits from a model output: an HF output with ``.logits``, a tensor, or a tuple led by the logits."""
-    if isinstance(out, torch.Tensor):
-        return out
-    if hasattr(out, "logits"):
-        return out.logits
-    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
-        return out[0]
-    raise TypeError(f"cannot find logits in a model output of type {type(out).__name__}; return a tensor or an object with .logits")
-
-
-def _lm_forward(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+def lm_logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     """Logits of a causal LM on ``ids`` [batch, seq], without building a KV cache when the model takes ``use_cache``."""
     params = inspect.signature(model.forward).parameters
     if "use_cache" in params:
-        return _logits(model(input_ids=ids, use_cache=False))
-    return _logits(model(ids))
+        return logits_of(model(input_ids=ids, use_cache=False))
+    return logits_of(model(ids))
 
 
 def _to_numpy(x: Any) -> np.ndarray:
@@ -113,7 +110,7 @@ def lm_windows(token_ids: torch.Tensor, window: int = 512, max_windows: int | No
     return ids[: n * window].reshape(n, window).to(torch.long)
 
 
-def _window_nll_sum(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+def window_nll_sum(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """Summed next-token NLL (float32) of windows ``ids`` [b, w] under ``logits`` [b, w, V]; position 0 is not predicted."""
     pred = logits[:, :-1, :].float()
     target = ids[:, 1:].to(pred.device)
@@ -144,8 +141,8 @@ def perplexity(
     with torch.inference_mode():
         for start in tqdm(range(0, len(windows), batch_size), desc="perplexity", disable=not progress):
             ids = windows[start : start + batch_size].to(device)
-            logits = _lm_forward(model, ids)
-            nll_sum += _window_nll_sum(logits, ids).item()
+            logits = lm_logits(model, ids)
+            nll_sum += window_nll_sum(logits, ids).item()
             n_scored += ids.shape[0] * (ids.shape[1] - 1)
     nll = nll_sum / n_scored
     return {"ppl": math.exp(nll), "nll": nll, "n_windows": len(windows), "n_tokens_scored": n_scored, "window": window}
@@ -192,11 +189,119 @@ def logit_agreement(
     with torch.inference_mode():
         for start in tqdm(range(0, len(windows), batch_size), desc="logit agreement", disable=not progress):
             ids = windows[start : start + batch_size]
-            ref_logits = _lm_forward(ref_model, ids.to(ref_device))
-            logits = _lm_forward(model, ids.to(device))
+            ref_logits = lm_logits(ref_model, ids.to(ref_device))
+            logits = lm_logits(model, ids.to(device))
             k, a, m = _kl_top1_sums(ref_logits, logits)
             kl_sum, agree, n = kl_sum + k, agree + a, n + m
     return {"kl": kl_sum / n, "top1_agreement": agree / n, "n_positions": n, "n_windows": len(windows)}
+
+
+# --------------------------------------------------------------------------------------------------
+# one evaluation pass: perplexity, KL and top-1 agreement from a single forward per window
+
+
+@dataclass(frozen=True)
+class LMScores:
+    """Scores of a language model on one domain's windows; ``kl`` / ``top1`` are None without reference logits.
+
+    ``ppl`` and ``nll`` follow ``perplexity``'s protocol (position 0 of a window is not predicted); ``kl`` (nats, mean
+    KL(reference || model) per position) and ``top1`` (fraction of positions whose argmax agrees) follow ``kl_top1``
+    over every position of every window. The per-window sums are kept for a paired bootstrap over windows.
+    """
+
+    ppl: float
+    nll: float
+    kl: float | None
+    top1: float | None
+    n_windows: int
+    n_tokens_scored: int
+    window_nll: tuple[float, ...]  # summed NLL (nats) of each window's scored tokens
+    window_tokens: tuple[int, ...]  # scored tokens per window (window - 1)
+    window_kl: tuple[float, ...] | None = None  # summed KL of each window's positions
+    window_top1: tuple[int, ...] | None = None  # agreeing positions per window
+
+
+LMWindows = torch.Tensor | Mapping[str, torch.Tensor]  # one window set, or one per domain
+
+
+def _window_logits(model: nn.Module | Callable[[torch.Tensor], Any], ids: torch.Tensor) -> torch.Tensor:
+    """Logits [1, w, V] of one window [1, w]: a torch model on its device, or any callable ``ids -> logits``."""
+    if isinstance(model, nn.Module):
+        device, _ = _device_dtype(model)
+        return lm_logits(model, ids.to(device))
+    out = model(ids)
+    return torch.from_numpy(out) if isinstance(out, np.ndarray) else logits_of(out)
+
+
+def _check_windows(windows: torch.Tensor, name: str) -> None:
+    """``windows`` must be [n, window] ids."""
+    if not isinstance(windows, torch.Tensor) or windows.dim() != 2:
+        shape = tuple(windows.shape) if isinstance(windows, torch.Tensor) else type(windows).__name__
+        raise ValueError(f"windows of {name} must be an [n, window] tensor (got {shape}); build them with lm_windows")
+
+
+def reference_logits(model: nn.Module | Callable[[torch.Tensor], Any], windows: LMWindows,
+                     progress: bool = False) -> torch.Tensor | dict[str, torch.Tensor]:
+    """Logits [n, window, V] of the reference model on every window (per domain for a mapping), computed once for ``evaluate_lm``."""
+    if isinstance(windows, Mapping):
+        return {d: reference_logits(model, w, progress) for d, w in windows.items()}
+    _check_windows(windows, "the reference")
+    if isinstance(model, nn.Module):
+        model.eval()
+    with torch.inference_mode():
+        return torch.cat([_window_logits(model, w[None]).detach().cpu()
+                          for w in tqdm(windows, desc="reference logits", disable=not progress)])
+
+
+def _score_windows(model: nn.Module | Callable[[torch.Tensor], Any], windows: torch.Tensor, ref: torch.Tensor | None,
+                   name: str, progress: bool) -> LMScores:
+    """``LMScores`` of one domain: one forward per window, NLL and (with ``ref``) KL / top-1 from the same logits."""
+    _check_windows(windows, name)
+    if ref is not None and tuple(ref.shape[:2]) != tuple(windows.shape):
+        raise ValueError(f"reference logits of {name} cover {tuple(ref.shape[:2])} windows x tokens but there are "
+                         f"{tuple(windows.shape)}; compute them with reference_logits on the same windows")
+    nll, tokens, kl, agree = [], [], [], []
+    with torch.inference_mode():
+        for i, w in enumerate(tqdm(windows, desc=f"evaluate {name}", disable=not progress)):
+            logits = _window_logits(model, w[None])
+            nll.append(window_nll_sum(logits, w[None]).item())
+            tokens.append(w.numel() - 1)
+            if ref is not None:
+                k, a, _ = _kl_top1_sums(ref[i : i + 1], logits)
+                kl.append(k)
+                agree.append(a)
+    n_scored, n_positions = sum(tokens), windows.numel()
+    mean_nll = sum(nll) / n_scored
+    return LMScores(ppl=math.exp(mean_nll), nll=mean_nll, kl=sum(kl) / n_positions if ref is not None else None,
+                    top1=sum(agree) / n_positions if ref is not None else None, n_windows=len(windows),
+                    n_tokens_scored=n_scored, window_nll=tuple(nll), window_tokens=tuple(tokens),
+                    window_kl=tuple(kl) if ref is not None else None, window_top1=tuple(agree) if ref is not None else None)
+
+
+def evaluate_lm(model: nn.Module | Callable[[torch.Tensor], Any], windows: LMWindows,
+                ref_logits: torch.Tensor | Mapping[str, torch.Tensor] | None = None,
+                progress: bool = False) -> LMScores | dict[str, LMScores]:
+    """Perplexity and, where reference logits are given, KL / top-1 agreement, from one forward pass per window.
+
+    ``model`` is a torch model or any callable ``ids [1, w] -> logits [1, w, V]`` (e.g. an ONNX Runtime session
+    wrapped by ``qlib.tools.onnx_utils.ort_logits``). ``windows`` is one [n, window] tensor, or ``{domain: windows}``
+    giving ``{domain: LMScores}``; KL and top-1 are computed on exactly the domains ``ref_logits`` (from
+    ``reference_logits``) covers.
+    """
+    if isinstance(model, nn.Module):
+        model.eval()
+    if not isinstance(windows, Mapping):
+        if isinstance(ref_logits, Mapping):
+            raise ValueError("ref_logits is a mapping of domains but windows is one tensor; pass both per domain or neither")
+        return _score_windows(model, windows, ref_logits, "windows", progress)
+    refs = {} if ref_logits is None else ref_logits
+    if not isinstance(refs, Mapping):
+        raise ValueError("windows is a mapping of domains, so ref_logits must be one too ({domain: logits}); "
+                         "compute it with reference_logits(model, {domain: windows})")
+    unknown = set(refs) - set(windows)
+    if unknown:
+        raise ValueError(f"reference logits for {sorted(unknown)} but no windows of those domains; pass windows for them")
+    return {d: _score_windows(model, w, refs.get(d), d, progress) for d, w in windows.items()}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -234,25 +339,6 @@ def f1(pred: Any, target: Any, average: str = "binary") -> float:
 
 # --------------------------------------------------------------------------------------------------
 # SQNR
-
-
-def sqnr(ref: torch.Tensor, test: torch.Tensor) -> float:
-    """Signal-to-quantization-noise ratio 10*log10(||ref||^2 / ||ref - test||^2) in dB; inf when equal."""
-    if ref.shape != test.shape:
-        raise ValueError(f"shapes differ ({tuple(ref.shape)} vs {tuple(test.shape)}); compare tensors of the same shape")
-    r = ref.detach().double()
-    signal = r.pow(2).sum().item()
-    noise = (r - test.detach().double().to(r.device)).pow(2).sum().item()
-    return _db(signal, noise)
-
-
-def _db(signal: float, noise: float) -> float:
-    """10*log10(signal / noise), with inf for zero noise and -inf for zero signal."""
-    if noise == 0.0:
-        return math.inf
-    if signal == 0.0:
-        return -math.inf
-    return 10.0 * math.log10(signal / noise)
 
 
 def _first_tensor(out: Any) -> torch.Tensor:
@@ -334,7 +420,7 @@ def layer_sqnr(
     short = [name for name in names if counters[name] != len(ref_out[name])]
     if short:
         raise RuntimeError(f"layers {short[:3]} ran fewer times in model than in ref_model; the models must compute the same graph")
-    return {name: _db(*powers[name]) for name in names if ref_out[name]}
+    return {name: db_ratio(*powers[name]) for name in names if ref_out[name]}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -362,7 +448,7 @@ def classify_texts(
             enc = tokenizer(
                 list(texts[start : start + batch_size]), padding=True, truncation=True, max_length=max_length, return_tensors="pt"
             )
-            logits = _logits(model(**{k: v.to(device) for k, v in enc.items()}))
+            logits = logits_of(model(**{k: v.to(device) for k, v in enc.items()}))
             preds.append(logits.argmax(-1).cpu())
     return torch.cat(preds).numpy().astype(np.int64)
 
@@ -379,5 +465,5 @@ def classify_images(model: nn.Module, images: torch.Tensor, batch_size: int = 25
             x = images[start : start + batch_size].to(device)
             if dtype is not None and x.is_floating_point():
                 x = x.to(dtype)
-            preds.append(_logits(model(x)).argmax(-1).cpu())
+            preds.append(logits_of(model(x)).argmax(-1).cpu())
     return torch.cat(preds).numpy().astype(np.int64)

@@ -7,10 +7,15 @@ one block. Supporting a new family is one more ``ArchSpec`` row in ``ARCHS``.
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+
+# Every family's ``sequential`` lists these four groups in this order, so a role names the same layers in any family.
+ROLES = ("attn_in", "attn_out", "mlp_in", "mlp_out")
+ROLE_UNIONS = {"attention": ("attn_in", "attn_out"), "mlp": ("mlp_in", "mlp_out")}
 
 
 @dataclass(frozen=True)
@@ -29,15 +34,28 @@ class ArchSpec:
     family: str
     model_types: tuple[str, ...]
     blocks: str  # dotted path of the ModuleList of blocks from the task model (e.g. LlamaForCausalLM)
-    sequential: tuple[tuple[str, ...], ...]
+    sequential: tuple[tuple[str, ...], ...]  # one group per role in ROLES: attention in, attention out, MLP in, MLP out
     scale_groups: tuple[ScaleGroup, ...]
     transposed: bool = False  # GPT-2 Conv1D stores weight as [in, out]
     norm_weight_offset: float = 0.0  # Gemma RMSNorm multiplies by (offset + weight): scale (offset + w), not w
+
+    def __post_init__(self) -> None:
+        if len(self.sequential) != len(ROLES):
+            raise ValueError(f"the '{self.family}' row has {len(self.sequential)} sequential groups; list exactly "
+                             f"{len(ROLES)}, one per role {ROLES}")
 
     @property
     def linears(self) -> tuple[str, ...]:
         """Every quantizable linear of a block, in sequential order."""
         return tuple(n for group in self.sequential for n in group)
+
+    def role_linears(self, role: str) -> tuple[str, ...]:
+        """Block-relative names of one role's linears: a name in ``ROLES`` or ``ROLE_UNIONS`` ("attention", "mlp")."""
+        if role in ROLE_UNIONS:
+            return tuple(n for r in ROLE_UNIONS[role] for n in self.role_linears(r))
+        if role not in ROLES:
+            raise ValueError(f"unknown role {role!r}; pick one of {ROLES + tuple(ROLE_UNIONS)}")
+        return self.sequential[ROLES.index(role)]
 
 
 _LLAMA_LIKE = dict(
@@ -178,3 +196,78 @@ def _is_linear(module: nn.Module, spec: ArchSpec) -> bool:
 def block_linears(block: nn.Module, spec: ArchSpec) -> dict[str, nn.Module]:
     """``{name: module}`` of the block's linears in sequential order (names relative to the block)."""
     return {n: block.get_submodule(n) for n in spec.linears}
+
+
+# --------------------------------------------------------------------------------------------------
+# selecting and trimming blocks by the table, so callers never spell a family's module paths
+
+
+def _block_indices(n_blocks: int, blocks: int | Iterable[int] | None) -> list[int]:
+    """Block indices: all for None, the first ``blocks`` for an int, else the given indices."""
+    if blocks is None:
+        return list(range(n_blocks))
+    if isinstance(blocks, int):
+        if not 1 <= blocks <= n_blocks:
+            raise ValueError(f"blocks={blocks} but the model has {n_blocks} blocks; pass 1..{n_blocks} or None for all")
+        return list(range(blocks))
+    idx = sorted(set(blocks))
+    if not idx or idx[0] < 0 or idx[-1] >= n_blocks:
+        raise ValueError(f"block indices {idx} are not within 0..{n_blocks - 1}; pass indices of existing blocks")
+    return idx
+
+
+def block_linear_names(model: nn.Module, blocks: int | Iterable[int] | None = None,
+                       roles: str | Iterable[str] | None = None) -> list[str]:
+    """Fully-qualified names of the table's linears in some blocks, in module order.
+
+    ``blocks``: None for every block, an int N for the first N, or an iterable of block indices. ``roles``: None for
+    every linear, or one or several of ``ROLES`` / ``ROLE_UNIONS`` (e.g. "mlp_out", the MLP down projection).
+    """
+    spec = arch_of(model)
+    path = blocks_path(model, spec)
+    idx = _block_indices(len(model.get_submodule(path)), blocks)
+    names = spec.linears if roles is None else tuple(
+        n for r in ([roles] if isinstance(roles, str) else roles) for n in spec.role_linears(r))
+    wanted = {f"{path}.{i}.{n}" for i in idx for n in names}
+    return [n for n, _ in model.named_modules() if n in wanted]
+
+
+def block_filter(model: nn.Module, blocks: int | Iterable[int] | None = None,
+                 roles: str | Iterable[str] | None = None) -> Callable[[nn.Module, str], bool]:
+    """A ``filter_fn(module, fqn)`` for ``quantize_`` and friends that accepts ``block_linear_names(model, blocks, roles)``."""
+    chosen = frozenset(block_linear_names(model, blocks, roles))
+    return lambda module, fqn: fqn in chosen
+
+
+def head_linear_names(model: nn.Module) -> list[str]:
+    """Names of the linears outside the blocks: the task head (``lm_head``, or BERT's pooler and classifier)."""
+    spec = arch_of(model)
+    inside = blocks_path(model, spec) + "."
+    return [n for n, m in model.named_modules() if _is_linear(m, spec) and not n.startswith(inside)]
+
+
+def block_position(model: nn.Module, fqn: str) -> tuple[int, str]:
+    """(block index, name inside the block) of a module inside the blocks, e.g. (3, "mlp.down_proj")."""
+    path = blocks_path(model, arch_of(model))
+    index, _, rest = fqn.removeprefix(path + ".").partition(".")
+    if not fqn.startswith(path + ".") or not index.isdigit():
+        raise ValueError(f"{fqn!r} is not inside the blocks of {type(model).__name__} ({path}.N...); pass a name from "
+                         f"block_linear_names")
+    return int(index), rest
+
+
+def trim_blocks(model: nn.Module, n: int) -> nn.Module:
+    """Keep only the first ``n`` blocks of ``model`` (in place), with the config's layer count and layer types to match."""
+    spec = arch_of(model)
+    path = blocks_path(model, spec)
+    blocks = model.get_submodule(path)
+    if not 1 <= n <= len(blocks):
+        raise ValueError(f"cannot trim {type(model).__name__} to {n} blocks: it has {len(blocks)}; pass 1..{len(blocks)}")
+    parent, _, name = path.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, name, blocks[:n])
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    config.num_hidden_layers = n  # GPT-2's config maps this name onto n_layer
+    if isinstance(getattr(config, "layer_types", None), list):  # Gemma-3: one attention type per layer
+        config.layer_types = config.layer_types[:n]
+    return model
+
