@@ -6,10 +6,7 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed.stamp
-export HF_HUB_OFFLINE=1
-export TRANSFORMERS_OFFLINE=1
-export TOKENIZERS_PARALLELISM=false
-export MPLBACKEND=Agg
+# The offline environment (no model hub, no dataset server) is set by `import qlib` (qlib.OFFLINE_ENV).
 
 .PHONY: setup results smoke test clean-cache
 

@@ -21,15 +21,18 @@ import os
 
 __version__ = "0.1.0"
 
-# The lab runs offline: no model hub, no dataset server (the only place these are set).
-for _k, _v in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}.items():
+# The lab runs offline: no model hub, no dataset server. The one place these are set: importing qlib sets them
+# (unless already set) in this process, and the notebook runner's kernels inherit them.
+OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+               "TOKENIZERS_PARALLELISM": "false"}
+for _k, _v in OFFLINE_ENV.items():
     os.environ.setdefault(_k, _v)
 
 _EXPORTS = {  # public name -> module that defines it
     "quantize_": "qlib.quant.api", "select_linears": "qlib.quant.api",
     "QuantConfig": "qlib.quant.config", "RTNConfig": "qlib.quant.config", "W8A8Config": "qlib.quant.config",
-    "GPTQConfig": "qlib.quant.config", "AWQConfig": "qlib.quant.config",
-    "FP8Config": "qlib.quant.fp8", "QATConfig": "qlib.methods.qat",
+    "GPTQConfig": "qlib.methods.gptq", "AWQConfig": "qlib.methods.awq", "FP8Config": "qlib.quant.fp8",
+    "QATConfig": "qlib.methods.qat", "CNNConfig": "qlib.methods.cnn", "prepare_qat": "qlib.methods.qat",
     "pack_model": "qlib.quant.kernels", "pack_quantized": "qlib.quant.kernels",
     "save_packed": "qlib.quant.kernels", "load_packed": "qlib.quant.kernels",
     "gptq_quantize_model": "qlib.methods.gptq", "awq_search": "qlib.methods.awq", "awq_apply": "qlib.methods.awq",

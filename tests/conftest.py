@@ -1,5 +1,5 @@
 import os
 
-for _k, _v in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-               "MPLBACKEND": "Agg"}.items():
-    os.environ.setdefault(_k, _v)
+import qlib  # noqa: F401  importing qlib sets the lab's offline environment (qlib.OFFLINE_ENV)
+
+os.environ.setdefault("MPLBACKEND", "Agg")  # figures in tests are files, never windows

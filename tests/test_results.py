@@ -1,5 +1,7 @@
 import json
 import math
+import os
+import stat
 
 import pytest
 
@@ -96,3 +98,34 @@ def test_run_records_the_commit_it_started_from(tmp_path, monkeypatch):
     run = results.Run(tmp_path / "nb", seed=0, smoke=True)     # HEAD moves while the run goes on ...
     prov = read_metrics(run.finish([Claim("c", "a", "m", "partly")]))["provenance"]
     assert prov["git_sha"] == "start" and prov["git_dirty"] is False   # ... the record keeps where it started
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600)], ids=["umask-022", "umask-077"])
+def test_written_files_get_the_umask_mode_not_a_temporary_files(tmp_path, umask, mode):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from qlib.lab.results import atomic_write_text
+    old = os.umask(umask)
+    try:
+        fig, _ = plt.subplots()
+        paths = [write_json(tmp_path / "m.json", {"a": 1}), atomic_write_text(tmp_path / "r.md", "x"),
+                 Run(tmp_path / "nb").figure(fig, "f")]
+        plt.close(fig)
+    finally:
+        os.umask(old)
+    assert [stat.S_IMODE(p.stat().st_mode) for p in paths] == [mode] * 3
+    assert not list(tmp_path.rglob(".*"))  # no temporary file left behind
+
+
+def test_metrics_name_the_notebook_that_ran_not_the_folder(tmp_path, monkeypatch):
+    from qlib.lab.results import NOTEBOOK_ENV, notebook_name
+    monkeypatch.delenv(NOTEBOOK_ENV, raising=False)
+    monkeypatch.delenv("JPY_SESSION_NAME", raising=False)
+    assert notebook_name(tmp_path / "04_gptq") == "04_gptq"                      # by hand, OUT as in the notebook
+    monkeypatch.setenv("JPY_SESSION_NAME", "/home/me/lab/notebooks/05_awq.ipynb")  # Jupyter knows the notebook
+    assert notebook_name(tmp_path / "scratch") == "05_awq"
+    monkeypatch.setenv(NOTEBOOK_ENV, "07_cnn")                                    # the runner says which it runs
+    run = Run(tmp_path / "somewhere" / "else", seed=0, smoke=True)
+    assert read_metrics(run.finish([Claim("c", "a", "m", "partly")]))["notebook"] == "07_cnn"

@@ -5,8 +5,9 @@ Every notebook ends by writing one ``metrics.json``::
     {"notebook": "00_baselines", "metrics": {...}, "claims": [{"claim", "article", "measured", "verdict", "note"}],
      "provenance": {"git_sha", "git_dirty", "packages", "cpu", "threads", "seed", "smoke", "wall_s", ...}}
 
-Writes are atomic (temporary file, then ``os.replace``), and :class:`Run` saves partial metrics after each
-step (``metrics.partial.json``), so an interrupted run leaves what it had measured and never a torn file.
+Writes are atomic (temporary file, then ``os.replace``) with the usual permissions (``0666`` less the umask),
+and :class:`Run` saves partial metrics after each step (``metrics.partial.json``), so an interrupted run leaves
+what it had measured beside any earlier ``metrics.json``, never a torn or half-replaced one.
 """
 from __future__ import annotations
 
@@ -17,8 +18,8 @@ import json
 import math
 import os
 import platform
+import secrets
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Iterable
@@ -26,6 +27,7 @@ from typing import Any, Iterable
 from qlib.lab.paths import REPO_ROOT
 
 VERDICTS = ("reproduced", "partly", "not reproduced", "not testable offline")
+NOTEBOOK_ENV = "QLIB_NOTEBOOK"  # the runner tells the kernel which notebook it runs (the output folder may differ)
 
 PACKAGES = (
     "torch", "transformers", "accelerate", "torchao", "numpy", "safetensors", "gguf", "onnx", "onnxruntime",
@@ -52,43 +54,56 @@ class Claim:
                 raise ValueError(f"Claim.{field} is empty; say what the article claimed and what was measured.")
 
 
-def _jsonable(x: Any) -> Any:
-    """Convert numpy / torch scalars, paths, dataclasses and non-finite floats into strict JSON values."""
+def jsonable(x: Any, digits: int | None = None) -> Any:
+    """Strict-JSON copy: numpy / torch values, paths, dataclasses as plain values; non-finite floats as strings.
+
+    ``digits`` rounds floats to that many significant digits (for short reports); None keeps them exact.
+    """
     if dataclasses.is_dataclass(x) and not isinstance(x, type):
-        return _jsonable(dataclasses.asdict(x))
+        return jsonable(dataclasses.asdict(x), digits)
     if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
+        return {str(k): jsonable(v, digits) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
+        return [jsonable(v, digits) for v in x]
     if isinstance(x, Path):
         return str(x)
     if hasattr(x, "item") and callable(x.item) and getattr(x, "ndim", 0) == 0:  # numpy / torch scalar
         x = x.item()
     elif hasattr(x, "tolist") and callable(x.tolist):  # numpy array / torch tensor
-        return _jsonable(x.tolist())
-    if isinstance(x, float) and not math.isfinite(x):
-        return str(x)  # "inf", "-inf", "nan": strict JSON has no such numbers
+        return jsonable(x.tolist(), digits)
+    if isinstance(x, float):
+        if not math.isfinite(x):
+            return str(x)  # "inf", "-inf", "nan": strict JSON has no such numbers
+        if digits is not None:
+            return float(f"{x:.{digits}g}")
     return x
+
+
+def temporary_path(path: Path, suffix: str = ".tmp") -> Path:
+    """A fresh hidden name beside ``path``, not yet created (so the file it becomes gets the umask's mode)."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}{suffix}")
 
 
 def atomic_write_text(path: Path, text: str) -> Path:
     """Write ``text`` to ``path`` atomically (a reader sees the old file or the new one, never half)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = temporary_path(path)
     try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # 0644 under the usual umask, as open() gives
         with os.fdopen(fd, "w") as f:
             f.write(text)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
     return path
 
 
 def write_json(path: Path, data: Any) -> Path:
     """Atomically write strict JSON (non-finite floats become strings)."""
-    return atomic_write_text(path, json.dumps(_jsonable(data), indent=2, allow_nan=False) + "\n")
+    return atomic_write_text(path, json.dumps(jsonable(data), indent=2, allow_nan=False) + "\n")
 
 
 def git_state(root: Path = REPO_ROOT) -> dict:
@@ -143,12 +158,22 @@ def write_metrics(out_dir: Path, metrics: dict, claims: Iterable[Claim | dict], 
     """Write ``<out_dir>/metrics.json`` with metrics, validated claims and provenance; returns its path."""
     out_dir = Path(out_dir)
     record = {
-        "notebook": notebook or out_dir.name,
+        "notebook": notebook or notebook_name(out_dir),
         "metrics": metrics,
         "claims": validate_claims(claims),
         "provenance": provenance(seed=seed, smoke=smoke, wall_s=wall_s, git=git),
     }
     return write_json(out_dir / "metrics.json", record)
+
+
+def notebook_name(out_dir: Path) -> str:
+    """The notebook being run: as the runner says (``$QLIB_NOTEBOOK``), else Jupyter's session, else the folder."""
+    if os.environ.get(NOTEBOOK_ENV):
+        return os.environ[NOTEBOOK_ENV]
+    session = os.environ.get("JPY_SESSION_NAME", "")  # Jupyter Server's path of the notebook a kernel serves
+    if session.endswith(".ipynb"):
+        return Path(session).stem
+    return Path(out_dir).name
 
 
 def read_metrics(path: Path) -> dict:
@@ -166,13 +191,12 @@ def save_figure(fig, out_dir: Path, name: str, dpi: int = 120) -> Path:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{name}.png"
-    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{name}.", suffix=".png")
-    os.close(fd)
+    tmp = temporary_path(path, suffix=".png")
     try:
         fig.savefig(tmp, dpi=dpi, bbox_inches="tight")
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
     return path
 
@@ -186,13 +210,15 @@ class Run:
     >>> run.finish(claims=[Claim(...)])      # metrics.json with provenance; the partial file is removed
     """
 
-    def __init__(self, out_dir: str | Path, *, seed: int = 0, smoke: bool = False):
+    def __init__(self, out_dir: str | Path, *, seed: int = 0, smoke: bool = False, notebook: str | None = None):
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.notebook = notebook or notebook_name(self.out_dir)  # recorded in metrics.json, whatever OUT is
         self.seed, self.smoke = seed, bool(smoke)
         self.metrics: dict[str, Any] = {}
         self.started = time.perf_counter()
         self._partial = self.out_dir / "metrics.partial.json"
+        self._partial.unlink(missing_ok=True)  # an earlier stopped run's steps are not this run's
         self.git = git_state()  # the code the run started from; HEAD may move while a long run goes on
 
     def log(self, key: str, value: Any) -> Any:
@@ -208,6 +234,6 @@ class Run:
     def finish(self, claims: Iterable[Claim | dict] = ()) -> Path:
         """Write the final metrics.json with claims and provenance."""
         path = write_metrics(self.out_dir, self.metrics, claims, seed=self.seed, smoke=self.smoke,
-                             wall_s=time.perf_counter() - self.started, git=self.git)
+                             wall_s=time.perf_counter() - self.started, notebook=self.notebook, git=self.git)
         self._partial.unlink(missing_ok=True)
         return path
