@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from qlib.quant.modules import is_conv1d, is_linear, weight_out_in
+
 # Every family's ``sequential`` lists these four groups in this order, so a role names the same layers in any family.
 ROLES = ("attn_in", "attn_out", "mlp_in", "mlp_out")
 ROLE_UNIONS = {"attention": ("attn_in", "attn_out"), "mlp": ("mlp_in", "mlp_out")}
@@ -36,7 +38,7 @@ class ArchSpec:
     blocks: str  # dotted path of the ModuleList of blocks from the task model (e.g. LlamaForCausalLM)
     sequential: tuple[tuple[str, ...], ...]  # one group per role in ROLES: attention in, attention out, MLP in, MLP out
     scale_groups: tuple[ScaleGroup, ...]
-    transposed: bool = False  # GPT-2 Conv1D stores weight as [in, out]
+    transposed: bool = False  # GPT-2 Conv1D stores weight as [in, out] (the helpers detect Conv1D by its type)
     norm_weight_offset: float = 0.0  # Gemma RMSNorm multiplies by (offset + weight): scale (offset + w), not w
 
     def __post_init__(self) -> None:
@@ -63,11 +65,17 @@ _LLAMA_LIKE = dict(
                 ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",)),
 )
 _QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+_BERT_LIKE = dict(
+    sequential=(("attention.self.query", "attention.self.key", "attention.self.value"),
+                ("attention.output.dense",), ("intermediate.dense",), ("output.dense",)),
+    # post-LN: each LayerNorm also feeds the residual, so only v -> attention-output is a valid scale group
+    scale_groups=(ScaleGroup("attention.self.value", ("attention.output.dense",)),),
+)
 
 ARCHS: tuple[ArchSpec, ...] = (
     ArchSpec(
-        family="llama",
-        model_types=("llama", "mistral", "qwen2"),
+        family="llama",  # Llama (SmolLM2, TinyLlama), Mistral, Qwen2, Qwen3 (q_norm/k_norm sit after q/k: no effect here)
+        model_types=("llama", "mistral", "qwen2", "qwen3"),
         blocks="model.layers",
         **_LLAMA_LIKE,
         scale_groups=(
@@ -91,13 +99,37 @@ ARCHS: tuple[ArchSpec, ...] = (
         norm_weight_offset=1.0,
     ),
     ArchSpec(
-        family="bert",
-        model_types=("bert",),
-        blocks="bert.encoder.layer",  # BertModel itself: encoder.layer (found by get_blocks)
-        sequential=(("attention.self.query", "attention.self.key", "attention.self.value"),
-                    ("attention.output.dense",), ("intermediate.dense",), ("output.dense",)),
-        # post-LN: each LayerNorm also feeds the residual, so only v -> attention-output is a valid scale group
-        scale_groups=(ScaleGroup("attention.self.value", ("attention.output.dense",)),),
+        family="phi3",
+        model_types=("phi3",),
+        blocks="model.layers",
+        sequential=(("self_attn.qkv_proj",), ("self_attn.o_proj",), ("mlp.gate_up_proj",), ("mlp.down_proj",)),
+        # fused qkv_proj / gate_up_proj: only their v / up halves feed o_proj / down_proj, so no linear -> linear group
+        scale_groups=(ScaleGroup("input_layernorm", ("self_attn.qkv_proj",), "self_attn"),
+                      ScaleGroup("post_attention_layernorm", ("mlp.gate_up_proj",), "mlp")),
+    ),
+    ArchSpec(
+        family="opt",
+        model_types=("opt",),
+        blocks="model.decoder.layers",
+        sequential=(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.out_proj",),
+                    ("fc1",), ("fc2",)),
+        scale_groups=(  # llm-awq's OPT groups; fc1 -> fc2 is exact through ReLU (relu(x / s) = relu(x) / s for s > 0)
+            ScaleGroup("self_attn_layer_norm", _QKV, "self_attn"),
+            ScaleGroup("self_attn.v_proj", ("self_attn.out_proj",)),
+            ScaleGroup("final_layer_norm", ("fc1",)),
+            ScaleGroup("fc1", ("fc2",)),
+        ),
+    ),
+    ArchSpec(
+        family="gpt_neox",  # GPT-NeoX, Pythia
+        model_types=("gpt_neox",),
+        blocks="gpt_neox.layers",
+        sequential=(("attention.query_key_value",), ("attention.dense",), ("mlp.dense_h_to_4h",),
+                    ("mlp.dense_4h_to_h",)),
+        # parallel residual or not, each norm feeds only its own branch; the fused qkv and the GELU between the MLP
+        # linears leave no exact linear -> linear group
+        scale_groups=(ScaleGroup("input_layernorm", ("attention.query_key_value",), "attention"),
+                      ScaleGroup("post_attention_layernorm", ("mlp.dense_h_to_4h",), "mlp")),
     ),
     ArchSpec(
         family="gpt2",
@@ -106,6 +138,16 @@ ARCHS: tuple[ArchSpec, ...] = (
         sequential=(("attn.c_attn",), ("attn.c_proj",), ("mlp.c_fc",), ("mlp.c_proj",)),
         scale_groups=(ScaleGroup("ln_1", ("attn.c_attn",), "attn"), ScaleGroup("ln_2", ("mlp.c_fc",), "mlp")),
         transposed=True,
+    ),
+    ArchSpec(family="bert", model_types=("bert",), blocks="bert.encoder.layer", **_BERT_LIKE),  # BertModel: encoder.layer
+    ArchSpec(family="roberta", model_types=("roberta", "xlm-roberta"), blocks="roberta.encoder.layer", **_BERT_LIKE),
+    ArchSpec(
+        family="distilbert",
+        model_types=("distilbert",),
+        blocks="distilbert.transformer.layer",
+        sequential=(("attention.q_lin", "attention.k_lin", "attention.v_lin"), ("attention.out_lin",),
+                    ("ffn.lin1",), ("ffn.lin2",)),
+        scale_groups=(ScaleGroup("attention.v_lin", ("attention.out_lin",)),),  # post-LN, as BERT
     ),
 )
 
@@ -122,8 +164,9 @@ def arch_of(model: nn.Module) -> ArchSpec:
         if model_type in spec.model_types:
             return spec
     names = ", ".join(f"{s.family} ({'/'.join(s.model_types)})" for s in ARCHS)
-    raise ValueError(f"model_type {model_type!r} of {type(model).__name__} is not in qlib.methods.arch's table; supported "
-                     f"families: {names}; add an ArchSpec row to qlib.methods.arch.ARCHS for a new family")
+    raise ValueError(f"{type(model).__name__} has model_type {model_type!r}, which the architecture table does not know "
+                     f"(it supports {names}); to add this family, append an ArchSpec row naming its block list, four "
+                     f"sequential linear groups and AWQ scale groups to qlib.methods.arch.ARCHS")
 
 
 def blocks_path(model: nn.Module, spec: ArchSpec) -> str:
@@ -149,15 +192,15 @@ def get_blocks(model: nn.Module, spec: ArchSpec) -> nn.ModuleList:
     return model.get_submodule(blocks_path(model, spec))
 
 
-def linear_weight(module: nn.Module, spec: ArchSpec) -> Tensor:
-    """The weight of a linear as [out, in] (a view; GPT-2 Conv1D's [in, out] is transposed)."""
-    return module.weight.t() if spec.transposed else module.weight
+def linear_weight(module: nn.Module, spec: ArchSpec | None = None) -> Tensor:
+    """The weight of a linear as [out, in] (a view; GPT-2 Conv1D's [in, out] is transposed, found by module type)."""
+    return weight_out_in(module)
 
 
-def set_linear_weight(module: nn.Module, weight: Tensor, spec: ArchSpec) -> None:
+def set_linear_weight(module: nn.Module, weight: Tensor, spec: ArchSpec | None = None) -> None:
     """Copy an [out, in] ``weight`` into ``module`` in place (transposed back for GPT-2 Conv1D)."""
     target = module.weight
-    new = weight.t() if spec.transposed else weight
+    new = weight.t() if is_conv1d(module) else weight
     if tuple(new.shape) != tuple(target.shape):
         raise ValueError(f"weight of shape {tuple(weight.shape)} does not fit {type(module).__name__} with weight "
                          f"{tuple(target.shape)}; pass an [out, in] tensor of this layer")
@@ -178,8 +221,11 @@ def scale_groups_for(block: nn.Module, spec: ArchSpec) -> tuple[ScaleGroup, ...]
     as llm-awq does.
     """
     keep = []
+    post_ln = getattr(block, "do_layer_norm_before", True) is False  # OPT-350m: its norms also feed the residual
     for g in spec.scale_groups:
         prev = block.get_submodule(g.prev)
+        if post_ln and not _is_linear(prev, spec):
+            continue
         if _is_linear(prev, spec):
             width = out_in_features(prev, spec)[0]
             if any(out_in_features(block.get_submodule(n), spec)[1] != width for n in g.linears):
@@ -189,8 +235,8 @@ def scale_groups_for(block: nn.Module, spec: ArchSpec) -> tuple[ScaleGroup, ...]
 
 
 def _is_linear(module: nn.Module, spec: ArchSpec) -> bool:
-    """True for nn.Linear (and transformers' Conv1D in a transposed family)."""
-    return isinstance(module, nn.Linear) or (spec.transposed and type(module).__name__ == "Conv1D")
+    """True for nn.Linear and transformers' Conv1D."""
+    return is_linear(module)
 
 
 def block_linears(block: nn.Module, spec: ArchSpec) -> dict[str, nn.Module]:

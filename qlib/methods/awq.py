@@ -70,7 +70,8 @@ from qlib.quant.primitives import QParams, dequantize, group_size_for, qparams, 
 
 FilterFn = Callable[[nn.Module, str], bool]
 
-NO_CLIP = ("q_proj", "k_proj", "query", "key", "Wqkv", "c_attn")  # llm-awq skips q/k (fused qkv too) in auto_clip
+NO_CLIP = ("q_proj", "k_proj", "query", "key", "q_lin", "k_lin", "Wqkv", "c_attn", "qkv_proj",
+           "query_key_value")  # llm-awq skips q/k (fused qkv too) in auto_clip
 SCALE_FLOOR = 1e-4  # llm-awq's clamp of x_mean ** ratio
 CLIP_ROW_CHUNK = 256  # output rows per clip-search chunk (bounds memory: rows x tokens x K)
 STACK_TOKENS = 4096  # tokens per stacked call when scoring attention (fewer, larger matmuls; same rows)

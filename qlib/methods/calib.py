@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from qlib.lab.eval import tokenize_text
 from qlib.methods.arch import ArchSpec, get_blocks
-from qlib.quant.modules import run_batch
+from qlib.quant.modules import batch_length, check_context, run_batch
 
 
 class StopForward(Exception):
@@ -92,6 +92,7 @@ def _run_calib(model: nn.Module, calib_batches: Iterable) -> int:
     try:
         with torch.no_grad():
             for batch in calib_batches:
+                check_context(model, batch_length(batch), "the calibration seq_len (the notebooks' CALIB_LEN)")
                 try:
                     run_batch(model, batch, use_cache=False)  # no KV cache: only the block inputs are wanted
                 except StopForward:

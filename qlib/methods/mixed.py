@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from qlib.lab.eval import kl_top1
 from qlib.methods.gptq import GPTQConfig
 from qlib.quant.kernels import INT4_N_MULTIPLE, INT8_K_MULTIPLE, kernel_group, round_up, weight_codes
-from qlib.quant.modules import logits_of
+from qlib.quant.modules import is_linear, logits_of, weight_out_in
 from qlib.quant.primitives import QParams, check_bits, dequantize
 
 
@@ -97,13 +97,14 @@ def packed_linear_bytes(out_features: int, in_features: int, option: LayerOption
 
 
 def linear_shapes(model: nn.Module, fqns: Iterable[str]) -> dict[str, tuple[int, int, bool]]:
-    """``{fqn: (out_features, in_features, has_bias)}`` of the named ``nn.Linear`` layers."""
+    """``{fqn: (out_features, in_features, has_bias)}`` of the named ``nn.Linear`` (or ``Conv1D``) layers."""
     out = {}
     for f in fqns:
         m = model.get_submodule(f)
-        if not isinstance(m, nn.Linear):
+        if not is_linear(m):
             raise ValueError(f"{f} is a {type(m).__name__}, not an nn.Linear; pass linear layers only")
-        out[f] = (m.out_features, m.in_features, m.bias is not None)
+        n, k = weight_out_in(m).shape
+        out[f] = (int(n), int(k), m.bias is not None)
     return out
 
 
@@ -246,13 +247,14 @@ def layer_sensitivity(model: nn.Module, windows: Tensor, options: Mapping[str, I
                 start = 0
                 if found and f.startswith(found[0] + "."):
                     start = int(f[len(found[0]) + 1:].split(".")[0])
-                original = lin.weight.detach().clone()
+                w_oi = weight_out_in(lin)  # [out, in] (a transposed view for GPT-2's Conv1D)
+                original = w_oi.detach().clone()
                 row = results.setdefault(f, {})
                 try:
                     for o in opts:
                         if o.tag in row:
                             continue
-                        lin.weight.copy_(rtn_weight(original, o))
+                        w_oi.copy_(rtn_weight(original, o))
                         kl = 0.0
                         for i, w in enumerate(windows):
                             if cached is not None and start > 0:
@@ -263,7 +265,7 @@ def layer_sensitivity(model: nn.Module, windows: Tensor, options: Mapping[str, I
                             kl += kl_top1(ref_logits[i], logits)["kl"]
                         row[o.tag] = kl / len(windows)
                 finally:
-                    lin.weight.copy_(original)
+                    w_oi.copy_(original)
                 if on_layer is not None:
                     on_layer(f, dict(row))
     finally:
@@ -316,7 +318,7 @@ def output_errors(model: nn.Module, inputs: Mapping[str, Tensor], options: Mappi
     out = {}
     with torch.no_grad():
         for f, opts in options.items():
-            w = model.get_submodule(f).weight.detach().float()
+            w = weight_out_in(model.get_submodule(f)).detach().float()
             x = inputs[f]
             out[f] = {o.tag: float(((x @ (w - rtn_weight(w, o)).t()) ** 2).sum() / len(x)) for o in opts}
     return out
@@ -435,9 +437,9 @@ def rtn_apply(model: nn.Module, plan: Mapping[str, LayerOption]) -> dict[str, tu
     codes = {}
     with torch.no_grad():
         for f, o in plan.items():
-            lin = model.get_submodule(f)
-            q, qp = rtn_codes(lin.weight, o)
-            lin.weight.copy_(dequantize(q, qp)[:, : lin.in_features].to(lin.weight.dtype))
+            w = weight_out_in(model.get_submodule(f))
+            q, qp = rtn_codes(w, o)
+            w.copy_(dequantize(q, qp)[:, : w.shape[1]].to(w.dtype))
             codes[f] = (q, qp)
     return codes
 

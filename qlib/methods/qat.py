@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 
 from qlib.quant.api import calibrate_act_ranges, quantize_, register
 from qlib.quant.config import FakeQuantConfig
-from qlib.quant.modules import set_module
+from qlib.quant.modules import as_linear, set_module
 from qlib.quant.primitives import qparams, qparams_from_range
 
 SCALE_MODES = ("lsq", "minmax")
@@ -197,7 +197,7 @@ def wrap_fake_quant(model: nn.Module, config: FakeQuantConfig, fqns: list[str], 
         obs = calibrate_act_ranges(model, fqns, calib, config.act_bits, config.act_symmetric, progress=False)
         ranges = {f: (o.lo, o.hi) for f, o in obs.items()}
     for f in fqns:
-        mod = model.get_submodule(f)
+        mod = as_linear(model.get_submodule(f))  # GPT-2's Conv1D as an nn.Linear: per-channel means per output row
         wfq = WeightFakeQuant(mod.weight, config.weight_bits, config.weight_symmetric, config.weight_granularity, scales)
         afq = None
         if config.act_bits is not None:

@@ -3,7 +3,9 @@
 A handler is ``fn(model, config, fqns, calib) -> model`` registered for a config class with
 ``@register(ConfigClass)``, next to the method it runs (GPTQ in ``qlib.methods.gptq``, QAT in ``qlib.methods.qat``,
 ...); ``fqns`` are the names of the modules the filter selected among ``config.targets`` (``nn.Linear`` unless
-the config says otherwise: QAT and CNN configs also take ``nn.Conv2d``).
+the config says otherwise: QAT and CNN configs also take ``nn.Conv2d``). transformers' ``Conv1D`` (GPT-2) counts as
+an ``nn.Linear``: handlers quantize its weight as [out, in] (``qlib.quant.modules.weight_out_in``), so the same
+configs apply; it is recognised by type name, so quant needs neither transformers nor the architecture table.
 ``quantize_`` works in place, returns the model and records what it did in ``model.qlib_quantized``
 (``{fqn: config}``, merged over calls so different layers can get different configs).
 
@@ -29,7 +31,8 @@ from tqdm.auto import tqdm
 
 from qlib.quant.config import QuantConfig, RTNConfig, W8A8Config
 from qlib.quant.fakequant import ActRangeObserver, QuantLinear
-from qlib.quant.modules import model_device, run_batch, set_module
+from qlib.quant.modules import (as_linear, batch_length, check_context, is_conv1d, model_device, run_batch, set_module,
+                                weight_out_in)
 from qlib.quant.primitives import check_finite, group_size_for, qparams, quant_dequant
 
 FilterFn = Callable[[nn.Module, str], bool]
@@ -59,18 +62,26 @@ def _handler_for(config: QuantConfig) -> Handler:
 
 
 def default_filter(module: nn.Module, fqn: str) -> bool:
-    """Select every ``nn.Linear``."""
-    return isinstance(module, nn.Linear)
+    """Select every ``nn.Linear`` (and transformers' ``Conv1D``, GPT-2's linear layer)."""
+    return isinstance(module, nn.Linear) or is_conv1d(module)
 
 
 def select_linears(model: nn.Module, filter_fn: FilterFn | None = None) -> list[str]:
-    """Names of the ``nn.Linear`` modules of ``model`` that ``filter_fn(module, fqn)`` accepts."""
+    """Names of the ``nn.Linear`` (and ``Conv1D``) modules of ``model`` that ``filter_fn(module, fqn)`` accepts."""
     return select_modules(model, filter_fn, (nn.Linear,))
 
 
 def select_modules(model: nn.Module, filter_fn: FilterFn | None, types: tuple[type[nn.Module], ...]) -> list[str]:
-    """Names of the modules of ``types`` (subclasses included) that ``filter_fn(module, fqn)`` accepts (default: all)."""
-    return [n for n, m in model.named_modules() if isinstance(m, types) and (filter_fn is None or filter_fn(m, n))]
+    """Names of the modules of ``types`` (subclasses included) that ``filter_fn(module, fqn)`` accepts (default: all).
+
+    ``nn.Linear`` in ``types`` also takes transformers' ``Conv1D`` (GPT-2), a linear layer with an [in, out] weight.
+    """
+    return [n for n, m in model.named_modules() if _is_target(m, types) and (filter_fn is None or filter_fn(m, n))]
+
+
+def _is_target(module: nn.Module, types: tuple[type[nn.Module], ...]) -> bool:
+    """True if ``module`` is one of ``types``, counting a ``Conv1D`` as an ``nn.Linear``."""
+    return isinstance(module, types) or (nn.Linear in types and is_conv1d(module))
 
 
 def quantize_(model: nn.Module, config: QuantConfig, filter_fn: FilterFn | None = None, calib: Iterable | None = None) -> nn.Module:
@@ -86,8 +97,8 @@ def quantize_(model: nn.Module, config: QuantConfig, filter_fn: FilterFn | None 
     handler = _handler_for(config)
     fqns = select_modules(model, filter_fn, config.targets)
     if not fqns:
-        kinds = " or ".join(f"nn.{t.__name__}" for t in config.targets)
-        n_lin = sum(isinstance(m, config.targets) for m in model.modules())
+        kinds = " or ".join(f"nn.{t.__name__}" for t in config.targets)  # Conv1D counts as nn.Linear
+        n_lin = sum(_is_target(m, config.targets) for m in model.modules())
         raise ValueError(f"filter_fn matched no {kinds} in {type(model).__name__} ({n_lin} present); "
                          "check the names it tests against [n for n, _ in model.named_modules()]")
     model = handler(model, config, fqns, calib)
@@ -113,7 +124,7 @@ def _param_owners(model: nn.Module) -> dict[int, list[str]]:
 def check_weights(model: nn.Module, fqns: list[str], granularity: Any, pad: bool = False) -> None:
     """Validate every selected weight (group size divides unless ``pad``, finite) before anything is changed."""
     for f in fqns:
-        w = model.get_submodule(f).weight
+        w = weight_out_in(model.get_submodule(f))
         try:
             group_size_for(w, granularity, pad)
             check_finite(w.detach(), f"{f}.weight")
@@ -141,6 +152,7 @@ def calibrate_act_ranges(model: nn.Module, fqns: list[str], calib: Iterable, bit
         with torch.inference_mode():
             total = len(calib) if hasattr(calib, "__len__") else None
             for batch in tqdm(calib, total=total, desc="calibrate", disable=not progress):
+                check_context(model, batch_length(batch), "the calibration seq_len")
                 run_batch(model, batch, device)
                 n += 1
     finally:
@@ -168,17 +180,17 @@ def apply_rtn(model: nn.Module, config: RTNConfig, fqns: list[str], calib: Any =
     with torch.no_grad():
         for f in tqdm(fqns, desc=f"RTN {config.tag}", disable=len(fqns) < 8):
             mod = model.get_submodule(f)
-            w = mod.weight
+            w, w_oi = mod.weight, weight_out_in(mod)  # Conv1D: [in, out] stored, quantized as [out, in]
             if id(w) in done:  # shared by two selected layers: quantize once
                 continue
-            wq = quant_dequant(w, qparams(w, config.bits, config.symmetric, config.granularity, config.observer,
-                                          pad=config.pad, name=f"{f}.weight"))
+            wq = quant_dequant(w_oi, qparams(w_oi, config.bits, config.symmetric, config.granularity, config.observer,
+                                             pad=config.pad, name=f"{f}.weight"))
             others = [o for o in owners.get(id(w), []) if o not in selected]
             if others:
                 warnings.warn(f"{f}.weight is tied to {others}; untying it so they keep full precision", stacklevel=3)
-                mod.weight = nn.Parameter(wq, requires_grad=w.requires_grad)
+                mod.weight = nn.Parameter(wq.t().contiguous() if is_conv1d(mod) else wq, requires_grad=w.requires_grad)
             else:
-                w.copy_(wq)
+                w_oi.copy_(wq)
             done.add(id(w))
     return model
 
@@ -195,7 +207,7 @@ def _w8a8(model: nn.Module, config: W8A8Config, fqns: list[str], calib: Any = No
         act_qp = {f: o.qparams() for f, o in obs.items()}
     for f in fqns:
         lin = model.get_submodule(f)
-        ql = QuantLinear(lin, config.weight_bits, config.weight_symmetric, config.weight_granularity,
+        ql = QuantLinear(as_linear(lin), config.weight_bits, config.weight_symmetric, config.weight_granularity,
                          config.act_bits, config.act_symmetric, config.act_granularity, act_qp.get(f))
         set_module(model, f, ql.to(lin.weight.device))
     return model

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from qlib.quant.api import check_weights, register
 from qlib.quant.config import QuantConfig
-from qlib.quant.modules import set_module
+from qlib.quant.modules import as_linear, set_module
 
 
 @dataclass(frozen=True)
@@ -161,5 +161,5 @@ def _fp8(model: nn.Module, config: FP8Config, fqns: list[str], calib=None) -> nn
     check_weights(model, fqns, "channel")
     for f in fqns:
         lin = model.get_submodule(f)
-        set_module(model, f, FP8Linear(lin, config).to(lin.weight.device))
+        set_module(model, f, FP8Linear(as_linear(lin), config).to(lin.weight.device))
     return model

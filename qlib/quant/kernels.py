@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from qlib.quant.modules import set_module
+from qlib.quant.modules import as_linear, is_linear, set_module, weight_out_in
 from qlib.quant.primitives import QParams, qparams, quantize
 
 INT4_GROUP_SIZES = (32, 64, 128, 256)  # the only groups _weight_int4pack_mm_for_cpu accepts
@@ -365,10 +365,11 @@ def _tied_fqns(model: nn.Module, fqns: list[str]) -> list[str]:
 
 
 def _linear_fqns(model: nn.Module, filter_fn: FilterFn | None, include_lm_head: bool) -> list[str]:
-    """Names of the nn.Linear layers to pack: those ``filter_fn(module, fqn)`` accepts, minus the head if excluded."""
+    """Names of the nn.Linear (and Conv1D) layers to pack: those ``filter_fn(module, fqn)`` accepts, minus the head if
+    excluded."""
     head = None if include_lm_head else _output_embedding_name(model)
     return [n for n, m in model.named_modules()
-            if isinstance(m, nn.Linear) and n != head and (filter_fn is None or filter_fn(m, n))]
+            if is_linear(m) and n != head and (filter_fn is None or filter_fn(m, n))]
 
 
 def pack_model(model: nn.Module, bits: int = 4, group_size: int | None = 128, symmetric: bool | None = None,
@@ -398,7 +399,7 @@ def pack_model(model: nn.Module, bits: int = 4, group_size: int | None = 128, sy
     tied = _tied_fqns(model, fqns)
     with torch.no_grad():
         for f in tqdm(fqns, desc=f"pack int{4 if bits <= 4 else 8} ({bits}-bit codes)", disable=not progress):
-            lin = model.get_submodule(f)
+            lin = as_linear(model.get_submodule(f))  # GPT-2's Conv1D as the nn.Linear it computes
             if bits <= 4:
                 new = Int4WeightOnlyLinear.from_linear(lin, group_size, symmetric, bits, act_dtype)
             else:
@@ -425,17 +426,18 @@ def pack_quantized(model: nn.Module, quantized: dict[str, tuple[Tensor, QParams]
             lin = model.get_submodule(f)
         except AttributeError as err:
             raise KeyError(f"{f!r} is not a module of {type(model).__name__}; use names from model.named_modules()") from err
-        if not isinstance(lin, nn.Linear):
+        if not is_linear(lin):
             raise ValueError(f"{f!r} is a {type(lin).__name__}, not an nn.Linear; only linear layers can be packed")
-        if codes.shape[0] != lin.out_features or codes.shape[1] < lin.in_features:
+        out_f, in_f = weight_out_in(lin).shape
+        if codes.shape[0] != out_f or codes.shape[1] < in_f:
             raise ValueError(f"codes for {f!r} have shape {tuple(codes.shape)} but the layer weight is "
-                             f"{tuple(lin.weight.shape)}; pass the codes of this layer")
+                             f"[{out_f}, {in_f}] as [out, in]; pass the codes of this layer")
     tied = _tied_fqns(model, list(quantized))
     with torch.no_grad():
         for f, (codes, qp) in tqdm(quantized.items(), desc="pack quantized", disable=not progress):
             lin = model.get_submodule(f)
             cls = Int4WeightOnlyLinear if qp.bits <= 4 else Int8WeightOnlyLinear
-            set_module(model, f, cls.from_codes(codes, qp, lin.bias, act_dtype, in_features=lin.in_features))
+            set_module(model, f, cls.from_codes(codes, qp, lin.bias, act_dtype, in_features=weight_out_in(lin).shape[1]))
     if tied:
         _untie_config(model, tied)
     _guard_save_pretrained(model)
