@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from qlib.quant.modules import logits_of
+from qlib.quant.modules import check_context, logits_of
 from qlib.quant.primitives import db_ratio
 
 
@@ -133,6 +133,7 @@ def perplexity(
     length, as here, the two are identical.
     """
     windows = lm_windows(token_ids, window, max_windows)
+    check_context(model, window, "the window (lm_windows' window, the notebooks' WINDOW)")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1 (got {batch_size})")
     model.eval()
@@ -146,6 +147,32 @@ def perplexity(
             n_scored += ids.shape[0] * (ids.shape[1] - 1)
     nll = nll_sum / n_scored
     return {"ppl": math.exp(nll), "nll": nll, "n_windows": len(windows), "n_tokens_scored": n_scored, "window": window}
+
+
+def unigram_perplexity(token_ids: torch.Tensor, vocab_size: int) -> float:
+    """Perplexity of an add-one smoothed unigram model fitted on ``token_ids`` and scored on the same tokens."""
+    ids = torch.as_tensor(token_ids).reshape(-1).to(torch.long)
+    if ids.numel() == 0 or int(ids.max()) >= vocab_size:
+        raise ValueError(f"token_ids must be non-empty ids below vocab_size={vocab_size}; pass the model's tokens and vocabulary size")
+    counts = torch.bincount(ids, minlength=vocab_size).double()
+    logp = torch.log((counts + 1) / (ids.numel() + vocab_size))
+    return math.exp(-float((counts * logp).sum()) / ids.numel())
+
+
+BASELINE_VOCAB_FRACTION = 0.1  # a working LM scores far below a tenth of its vocabulary (SmolLM2: ~65 of 49152)
+
+
+def check_baseline(ppl: float, vocab_size: int, unigram_ppl: float | None = None, what: str = "the FP32 model") -> float:
+    """Return ``ppl`` if plausible for a trained LM; raise when it is above a tenth of the vocabulary or the unigram perplexity."""
+    bars = [(vocab_size * BASELINE_VOCAB_FRACTION, f"a tenth of its {vocab_size}-token vocabulary")]
+    if unigram_ppl is not None:
+        bars.append((unigram_ppl, f"a unigram model of the same text ({unigram_ppl:.1f})"))
+    for bar, label in bars:
+        if not math.isfinite(ppl) or ppl > bar:
+            raise ValueError(f"{what} scores perplexity {ppl:.1f}, worse than {label}, so it is broken before any "
+                             "quantization; check that the tokenizer belongs to these weights, that BOS is added as the "
+                             "model expects, and that the weights loaded (no missing or randomly initialised tensors).")
+    return ppl
 
 
 # --------------------------------------------------------------------------------------------------
@@ -227,6 +254,7 @@ LMWindows = torch.Tensor | Mapping[str, torch.Tensor]  # one window set, or one 
 def _window_logits(model: nn.Module | Callable[[torch.Tensor], Any], ids: torch.Tensor) -> torch.Tensor:
     """Logits [1, w, V] of one window [1, w]: a torch model on its device, or any callable ``ids -> logits``."""
     if isinstance(model, nn.Module):
+        check_context(model, int(ids.shape[-1]), "the window (lm_windows' window, the notebooks' WINDOW)")
         device, _ = _device_dtype(model)
         return lm_logits(model, ids.to(device))
     out = model(ids)

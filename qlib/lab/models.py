@@ -12,9 +12,11 @@ import contextlib
 import os
 import importlib.util
 import json
+import re
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -266,6 +268,80 @@ def load_lm(model: str = "smollm2-135m", dtype: torch.dtype = torch.float32) -> 
         lm = _from_pretrained(AutoModelForCausalLM, model, LM_KEYS, dtype=dtype)
         path = _local_or_hub(model)
     return lm.eval(), AutoTokenizer.from_pretrained(path)
+
+
+# --------------------------------------------------------------------------------------------------
+# facts about a loaded LM, for claims and findings that must name the model that ran
+
+DISPLAY_NAMES = {"smollm2-135m": "SmolLM2-135M", "gemma3-270m": "Gemma-3-270M"}  # zoo key -> the model's own name
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What a claim or finding may say about a causal LM, read from the loaded model (never typed in)."""
+
+    name: str  # display name: "SmolLM2-135M" for the zoo key, else from the folder, hub id or GGUF file
+    params: int  # unique parameters (a tied head counted once)
+    embedding_params: int  # parameters of the input embedding matrix
+    vocab_size: int  # rows of the input embedding
+    hidden_size: int  # embedding width
+    n_blocks: int  # decoder blocks (config.num_hidden_layers or its alias)
+    tied_head: bool  # the output head shares the embedding's weight tensor
+
+    @property
+    def params_label(self) -> str:
+        """Parameter count as a model card writes it: "135M", "1.1B"."""
+        return f"{self.params / 1e9:.1f}B" if self.params >= 1e9 else f"{self.params / 1e6:.0f}M"
+
+    @property
+    def short_name(self) -> str:
+        """The name without its trailing size: "SmolLM2" for "SmolLM2-135M"."""
+        return re.sub(r"[-_ ]\d+(\.\d+)?[MBmb]$", "", self.name) or self.name
+
+    @property
+    def embedding_label(self) -> str:
+        """Embedding parameters in millions: "28M"."""
+        return f"{self.embedding_params / 1e6:.0f}M"
+
+    @property
+    def embedding_share(self) -> float:
+        """Fraction of all parameters that sit in the input embedding."""
+        return self.embedding_params / self.params
+
+
+def display_name(model: nn.Module | None, name: str) -> str:
+    """A readable model name: the zoo's for a zoo key, else the GGUF file's stem, else the last part of the path or hub id."""
+    if name in DISPLAY_NAMES:
+        return DISPLAY_NAMES[name]
+    if str(name).lower().endswith(".gguf"):
+        return Path(name).stem
+    source = str(name) or str(getattr(getattr(model, "config", None), "_name_or_path", "") or "")
+    return Path(source.rstrip("/")).name or type(model).__name__
+
+
+def _config_int(config: Any, *names: str) -> int | None:
+    """The first of ``names`` set on ``config`` (or its text config), as an int."""
+    configs = [config] + ([config.get_text_config()] if hasattr(config, "get_text_config") else [])
+    for cfg in configs:
+        for n in names:
+            if isinstance(getattr(cfg, n, None), int):
+                return int(getattr(cfg, n))
+    return None
+
+
+def model_facts(model: nn.Module, name: str) -> ModelFacts:
+    """Name, parameter count, embedding share, vocabulary, width, blocks and head tying of a loaded causal LM."""
+    if not hasattr(model, "get_input_embeddings") or model.get_input_embeddings() is None:
+        raise ValueError(f"{type(model).__name__} has no input embedding (get_input_embeddings); pass a Hugging Face causal LM.")
+    emb = model.get_input_embeddings().weight
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    config = getattr(model, "config", None)
+    blocks = _config_int(config, "num_hidden_layers", "n_layer", "num_layers")
+    if blocks is None:
+        raise ValueError(f"{type(model).__name__}'s config names no layer count (num_hidden_layers / n_layer); pass a Hugging Face causal LM.")
+    return ModelFacts(name=display_name(model, name), params=sum(p.numel() for p in model.parameters()),
+                      embedding_params=emb.numel(), vocab_size=int(emb.shape[0]), hidden_size=int(emb.shape[1]),
+                      n_blocks=blocks, tied_head=getattr(head, "weight", None) is emb)
 
 
 # --------------------------------------------------------------------------------------------------
