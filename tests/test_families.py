@@ -24,7 +24,8 @@ from qlib.methods.qat import QATConfig
 from qlib.quant.api import quantize_
 from qlib.quant.config import RTNConfig, W8A8Config
 from qlib.quant.fp8 import FP8Config
-from qlib.quant.kernels import load_packed, pack_model, pack_quantized, packed_layers, save_packed
+from qlib.quant.kernels import (PackedEmbedding, load_packed, pack_model, pack_quantized, packed_bytes,
+                                packed_embeddings, packed_layers, save_packed)
 from qlib.quant.modules import context_length, is_conv1d, logits_of, weight_out_in
 from qlib.quant.primitives import qparams, quant_dequant, sqnr_db
 
@@ -175,6 +176,70 @@ def test_rtn_w8a8_and_packing(name, tmp_path):
         assert sqnr_db(y, y_packed) > floor_db
     loaded = load_packed(save_packed(model, tmp_path / name))
     assert torch.equal(outputs(loaded, bs), y_packed)
+
+
+DECODERS = [n for n in NAMES if n not in ENCODERS]
+
+
+def _tied(model: nn.Module) -> bool:
+    head, emb = model.get_output_embeddings(), model.get_input_embeddings()
+    return head is not None and head.weight is emb.weight
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("name", DECODERS)
+def test_whole_model_packing_covers_the_embedding_and_keeps_ties(name, bits, tmp_path):
+    """The whole model packed (blocks, head and embedding): a tied embedding reads the packed head's rows (one copy),
+    an untied one gets its own packed copy; the model is smaller than its FP32 and 16-bit versions, and reloads."""
+    ref = build(name)
+    tied = _tied(ref)
+    fp32 = packed_bytes(ref)
+    bs = batches(name, 2)
+    y = outputs(ref, bs)
+    model = pack_model(copy.deepcopy(ref), bits=bits, group_size=32, act_dtype=torch.float32, progress=False)
+    (emb_name, emb), = packed_embeddings(model).items()
+    assert model.get_input_embeddings() is emb and emb.tied == tied
+    if tied:
+        assert emb.packed is model.get_output_embeddings()  # one packed copy
+        assert not any(n.startswith(emb_name + ".") for n in model.state_dict())
+    ids = torch.tensor([[0, 5, V - 1]])
+    scale = getattr(ref.get_input_embeddings(), "embed_scale", 1.0)
+    expect = emb.dequantized_weight()[ids] * (scale.float() if isinstance(scale, torch.Tensor) else scale)
+    assert torch.allclose(emb(ids), expect, atol=1e-6)
+    w = ref.get_input_embeddings().weight
+    assert sqnr_db(w[ids], emb.rows(ids)) > (8 if bits == 4 else 30)  # rows are the quantized float rows
+    assert sqnr_db(y, outputs(model, bs)) > (5 if bits == 4 else 20)
+    size = packed_bytes(model)
+    assert size < fp32 / 2  # smaller than the 16-bit model, so smaller than FP32
+    loaded = load_packed(save_packed(model, tmp_path / name))
+    assert torch.equal(outputs(loaded, bs), outputs(model, bs))
+    assert packed_bytes(loaded) == size
+    assert isinstance(loaded.get_input_embeddings(), PackedEmbedding)
+    if tied:
+        assert loaded.get_input_embeddings().packed is loaded.get_output_embeddings()
+
+
+@pytest.mark.parametrize("name", ["gemma3", "gpt_neox"])  # tied and untied
+def test_embedding_false_keeps_the_float_table_and_quantized_codes_share_a_tied_head(name):
+    ref = build(name)
+    head = ref.get_output_embeddings()
+    head_name = next(n for n, m in ref.named_modules() if m is head)
+    kept = pack_model(copy.deepcopy(ref), bits=8, act_dtype=torch.float32, progress=False, embedding=False)
+    assert isinstance(kept.get_input_embeddings(), nn.Embedding) and not packed_embeddings(kept)
+    assert packed_bytes(kept) > packed_bytes(pack_model(copy.deepcopy(ref), bits=8, act_dtype=torch.float32,
+                                                        progress=False))
+    with pytest.raises(ValueError, match="embedding=True packs the input embedding together with the output head"):
+        pack_model(copy.deepcopy(ref), bits=8, filter_fn=block_filter(ref), act_dtype=torch.float32, progress=False,
+                   embedding=True)
+    codes, qp = qparams_codes(weight_out_in(head), 4, 32)
+    model = pack_quantized(copy.deepcopy(ref), {head_name: (codes, qp)}, act_dtype=torch.float32, progress=False)
+    emb = model.get_input_embeddings()
+    assert isinstance(emb, PackedEmbedding) and emb.tied == _tied(ref)
+
+
+def qparams_codes(w: torch.Tensor, bits: int, group: int):
+    from qlib.quant.kernels import weight_codes
+    return weight_codes(w, bits, group)
 
 
 def _output_error(weights: dict[str, torch.Tensor], x: torch.Tensor, ref: nn.Module) -> float:

@@ -11,8 +11,8 @@ from torch import nn
 
 from qlib.quant.api import quantize_
 from qlib.quant.config import RTNConfig
-from qlib.quant.kernels import (Int4WeightOnlyLinear, Int8WeightOnlyLinear, pack_model, pack_quantized, packed_bytes,
-                          torch_dynamic_int8, weight_codes)
+from qlib.quant.kernels import (Int4WeightOnlyLinear, Int8WeightOnlyLinear, PackedEmbedding, pack_model, pack_quantized,
+                                packed_bytes, torch_dynamic_int8, weight_codes)
 from qlib.quant.primitives import QParams, dequantize, qparams, quant_dequant, sqnr_db
 
 BF16_REL = 1.5e-2  # max |y - ref| / max |ref|: both sides round the output (and the reference W) to bf16
@@ -208,7 +208,11 @@ def test_pack_model_tiny_llama(bits):
     kind = Int4WeightOnlyLinear if bits == 4 else Int8WeightOnlyLinear
     assert isinstance(packed.lm_head, kind) and isinstance(packed.model.layers[0].mlp.down_proj, kind)
     assert not any(isinstance(m, nn.Linear) for m in packed.modules())
-    assert isinstance(packed.model.embed_tokens.weight, nn.Parameter) and packed.config.tie_word_embeddings is False
+    # the tie is kept: the embedding reads the packed head's rows (one copy); transformers must not re-tie it
+    assert isinstance(packed.model.embed_tokens, PackedEmbedding) and packed.model.embed_tokens.packed is packed.lm_head
+    assert packed.config.tie_word_embeddings is False
+    with torch.no_grad():  # the matching fake-quant model: its embedding holds the quantized head's rows too
+        fake.model.embed_tokens.weight.copy_(fake.lm_head.weight)
     ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
         ref, out = fake(ids).logits, packed(ids).logits
@@ -283,3 +287,35 @@ def test_save_packed_rejects_bad_input(tmp_path):
         save_packed(_tiny_llama(), tmp_path / "x")
     with pytest.raises(FileNotFoundError, match="save_packed"):
         load_packed(tmp_path)
+
+
+_ROWS_CHECK = """
+import torch
+from torch import nn
+from qlib.quant.kernels import Int4WeightOnlyLinear, PackedEmbedding
+torch.manual_seed(0)
+for n, k in [(80, 64), (1000, 200), (300, 96), (16, 32)]:
+    lin = nn.Linear(k, n, bias=False)
+    src = Int4WeightOnlyLinear.from_linear(lin, 32)
+    ids = torch.cat([torch.randint(0, n, (50,)), torch.tensor([0, n - 1])])
+    assert torch.equal(PackedEmbedding(src, tied=True).rows(ids), src.dequantized_weight()[ids]), (n, k)
+print(torch.backends.cpu.get_cpu_capability())
+"""
+
+
+@pytest.mark.parametrize("capability", ["default", "avx2", None])
+def test_int4_rows_are_read_right_in_every_packed_layout(capability):
+    """PackedEmbedding reads rows out of the int4 kernel's packed bytes, whose layout differs by CPU capability
+    (AVX512 packs blocks of 64 rows, AVX2 and DEFAULT of 32); each layout torch can dispatch here is checked against
+    the kernel's own read-back, including N not a multiple of the block."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ)
+    if capability is not None:
+        env["ATEN_CPU_CAPABILITY"] = capability
+    out = subprocess.run([sys.executable, "-c", _ROWS_CHECK], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    if capability is not None:
+        assert out.stdout.strip().lower() in (capability, "default")  # a CPU without AVX2 falls back to DEFAULT

@@ -331,6 +331,189 @@ class Int4WeightOnlyLinear(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------------
+# packed embeddings: lookups that read rows of a packed int8 / int4 weight (shared with a tied head)
+
+_ROW_MAPS: dict[tuple, tuple[int, Tensor, Tensor, Tensor | None, Tensor | None]] = {}
+
+
+def _probe_int4_layout(n: int, k_pad: int) -> tuple[Tensor, Tensor]:
+    """Where ``_convert_weight_to_int4pack_for_cpu`` puts each code of an [n, k_pad] weight on this CPU capability:
+    byte index (into the flat packed tensor) and nibble shift (0 or 4), both [n, k_pad], found by packing probes."""
+    total = n * k_pad
+    src = torch.arange(total, dtype=torch.int64).reshape(n, k_pad)
+    position_of = torch.zeros(total, dtype=torch.int64)
+    digits = max(1, -(-int(total - 1).bit_length() // 4))
+    found = torch.zeros(total, dtype=torch.int64)  # source index held by each nibble slot (2 * byte + high)
+    for d in range(digits):
+        probe = ((src >> (4 * d)) & 15).to(torch.int32)
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(probe.contiguous(), INT4_INNER_K_TILES).reshape(-1)
+        nibbles = torch.stack([packed & 15, packed >> 4], dim=1).reshape(-1).to(torch.int64)  # slot = 2 * byte + hi
+        found |= nibbles << (4 * d)
+    if not torch.equal(torch.sort(found).values, torch.arange(total, dtype=torch.int64)):
+        raise RuntimeError("torch's int4 packing on this CPU is not a permutation of nibbles; pack the embedding with "
+                           "embedding=False")
+    position_of[found] = torch.arange(total, dtype=torch.int64)
+    position_of = position_of.reshape(n, k_pad)
+    return position_of // 2, (position_of % 2) * 4
+
+
+def _int4_row_map(n_pad: int, k_pad: int) -> tuple[int, Tensor, Tensor, Tensor | None, Tensor | None]:
+    """How to read row r of an [n_pad, k_pad] int4-packed weight: rows are packed in blocks of ``block`` rows, each
+    block a contiguous run of ``block * k_pad / 2`` bytes; returns (block, byte [block, k_pad], shift [block, k_pad])
+    for full blocks and (byte, shift) for a shorter last block (None when n_pad is a multiple of block). Found once
+    per shape and CPU capability by probing torch's own packing function (its layout differs between AVX512, AVX2
+    and DEFAULT), and checked: the probe of a full-size weight must follow the block rule."""
+    key = (n_pad, k_pad, torch.backends.cpu.get_cpu_capability())
+    if key in _ROW_MAPS:
+        return _ROW_MAPS[key]
+    probe_rows = 256  # a probe of its own shape: enough rows for any block size seen (64 on AVX512, 32 on AVX2)
+    byte, shift = _probe_int4_layout(probe_rows, k_pad)
+    half = k_pad // 2
+    rows = torch.arange(probe_rows)
+    block = next((b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256)
+                  if torch.equal(byte - ((rows // b) * b * half)[:, None], byte[rows % b])
+                  and torch.equal(shift, shift[rows % b])), None)
+    if block is None:
+        raise RuntimeError("torch's int4 packing on this CPU does not store rows in contiguous blocks; pack the "
+                           "embedding with embedding=False")
+    tail_byte = tail_shift = None
+    tail = n_pad % block
+    if tail:  # a shorter last block may be laid out differently: probe a weight that ends in one
+        lead = block if n_pad > block else 0
+        b2, s2 = _probe_int4_layout(lead + tail, k_pad)
+        tail_byte, tail_shift = b2[lead:] - lead * half, s2[lead:]
+    _ROW_MAPS[key] = (block, byte[:block].contiguous(), shift[:block].to(torch.uint8).contiguous(),
+                      None if tail_byte is None else tail_byte.contiguous(),
+                      None if tail_shift is None else tail_shift.to(torch.uint8).contiguous())
+    return _ROW_MAPS[key]
+
+
+def _int4_rows(layer: "Int4WeightOnlyLinear", ids: Tensor) -> Tensor:
+    """Float32 rows ``ids`` (any shape) of an Int4WeightOnlyLinear's weight: [*ids.shape, in_features]."""
+    n_pad, k_pad = layer.weight_packed.shape[0], layer.weight_packed.shape[1] * 2
+    block, byte, shift, tail_byte, tail_shift = _int4_row_map(n_pad, k_pad)
+    flat = ids.reshape(-1)
+    half = k_pad // 2
+    full = (n_pad // block) * block
+    within = flat % block
+    idx = ((flat // block) * block * half)[:, None] + byte[within]
+    sh = shift[within]
+    if tail_byte is not None and bool((flat >= full).any()):
+        last = flat >= full
+        t = flat[last] - full
+        idx[last] = full * half + tail_byte[t]
+        sh[last] = tail_shift[t]
+    q = (layer.weight_packed.reshape(-1)[idx] >> sh) & 15  # [M, k_pad] uint8 codes
+    sz = layer.scales_and_zeros[:, flat].float()  # [K'/group, M, 2]
+    s = sz[..., 0].t().repeat_interleave(layer.group_size, dim=1)
+    z = sz[..., 1].t().repeat_interleave(layer.group_size, dim=1)
+    w = (q.float() - 8.0) * s + z
+    return w[:, : layer.in_features].reshape(*ids.shape, layer.in_features)
+
+
+class PackedEmbedding(nn.Module):
+    """An embedding table stored as a packed weight-only layer, read row by row: ``forward(ids)`` dequantizes the rows.
+
+    ``source`` is an ``Int8WeightOnlyLinear`` or ``Int4WeightOnlyLinear`` of shape [vocab, dim]. With ``tied=True``
+    it is the model's packed output head itself (a tied embedding and head share one packed copy, as in the float
+    model; the head owns the tensors and this module holds a reference outside the module tree); otherwise it is
+    this module's own child ``source``. ``embed_scale`` multiplies the rows (Gemma-3 scales its embedding by
+    sqrt(hidden)); rows come out in ``out_dtype``.
+    """
+
+    def __init__(self, source: nn.Module, tied: bool = False, embed_scale: float | None = None,
+                 out_dtype: torch.dtype = torch.float32, padding_idx: int | None = None) -> None:
+        super().__init__()
+        if not isinstance(source, (Int4WeightOnlyLinear, Int8WeightOnlyLinear)):
+            raise TypeError(f"source must be a packed Int4/Int8WeightOnlyLinear, got {type(source).__name__}")
+        self.tied, self.embed_scale, self.out_dtype, self.padding_idx = tied, embed_scale, out_dtype, padding_idx
+        self.num_embeddings, self.embedding_dim = source.out_features, source.in_features
+        if tied:
+            object.__setattr__(self, "_tied_source", source)  # not a child: the head's tensors are saved once
+        else:
+            self.source = source
+
+    @property
+    def packed(self) -> nn.Module:
+        """The packed layer whose rows this embedding reads (the head, when tied)."""
+        return self._tied_source if self.tied else self.source
+
+    def rows(self, ids: Tensor) -> Tensor:
+        """Float32 rows for ``ids`` (no ``embed_scale``)."""
+        src = self.packed
+        if isinstance(src, Int8WeightOnlyLinear):
+            return src.weight_int8[ids, : src.in_features].float() * src.scales[ids].float()[..., None]
+        return _int4_rows(src, ids)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        if ids.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"token ids must be an integer tensor, got {ids.dtype}")
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.num_embeddings):
+            raise IndexError(f"token ids lie in [{int(ids.min())}, {int(ids.max())}] but the embedding has "
+                             f"{self.num_embeddings} rows")
+        w = self.rows(ids.long())
+        if self.embed_scale is not None:
+            w = w * self.embed_scale
+        return w.to(self.out_dtype)
+
+    def dequantized_weight(self) -> Tensor:
+        """The whole float32 [vocab, dim] table the lookups read (without ``embed_scale``)."""
+        return self.packed.dequantized_weight()
+
+    def extra_repr(self) -> str:
+        kind = "int4" if isinstance(self.packed, Int4WeightOnlyLinear) else "int8"
+        return (f"{self.num_embeddings}, {self.embedding_dim}, {kind}, tied={self.tied}"
+                + (f", embed_scale={self.embed_scale:.4g}" if self.embed_scale is not None else ""))
+
+
+def _embed_scale(emb: nn.Module) -> float | None:
+    """The factor a scaled embedding (Gemma-3's ``embed_scale``) multiplies its rows by, or None."""
+    scale = getattr(emb, "embed_scale", None)
+    if scale is None:
+        return None
+    return float(scale.item() if isinstance(scale, Tensor) else scale)
+
+
+def _input_embedding_name(model: nn.Module) -> str | None:
+    """Dotted name of the model's input token embedding (HF ``get_input_embeddings``), or None."""
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if emb is None:
+        return None
+    return next((n for n, m in model.named_modules() if m is emb), None)
+
+
+def _pack_embedding(model: nn.Module, bits: int, group_size: int | None, symmetric: bool, act_dtype: torch.dtype,
+                    tied_head: str | None) -> str | None:
+    """Replace the input embedding by a PackedEmbedding: reading the packed head ``tied_head`` when given, otherwise
+    its own round-to-nearest packed copy. Returns the embedding's name (None when the model has none to pack)."""
+    name = _input_embedding_name(model)
+    if name is None:
+        return None
+    emb = model.get_submodule(name)
+    if isinstance(emb, PackedEmbedding):
+        return name
+    if not isinstance(emb, nn.Embedding):
+        log.info("input embedding %s is a %s, not an nn.Embedding: left in float", name, type(emb).__name__)
+        return None
+    out_dtype = emb.weight.dtype
+    if tied_head is not None:
+        new = PackedEmbedding(model.get_submodule(tied_head), tied=True, embed_scale=_embed_scale(emb),
+                              out_dtype=out_dtype, padding_idx=emb.padding_idx)
+    else:
+        with torch.no_grad():
+            if bits <= 4:
+                codes, qp = weight_codes(emb.weight, bits, group_size, symmetric)
+                src = Int4WeightOnlyLinear.from_codes(codes, qp, None, act_dtype, in_features=emb.embedding_dim)
+            else:
+                codes, qp = weight_codes(emb.weight, bits, None, True)
+                src = Int8WeightOnlyLinear.from_codes(codes, qp, None, act_dtype)
+        new = PackedEmbedding(src, tied=False, embed_scale=_embed_scale(emb), out_dtype=out_dtype,
+                              padding_idx=emb.padding_idx)
+    set_module(model, name, new)
+    return name
+
+
+# --------------------------------------------------------------------------------------------------
 # whole models
 
 
@@ -351,7 +534,8 @@ def _untie_config(model: nn.Module, fqns: list[str]) -> None:
     for cfg in {id(c): c for c in (config, getattr(config, "get_text_config", lambda: config)())}.values():
         if getattr(cfg, "tie_word_embeddings", False):
             cfg.tie_word_embeddings = False  # so tie_weights() / save-load never re-tie the packed head to the embedding
-            log.info("untied %s from the input embedding (it stays in float)", fqns)
+            log.info("%s no longer tied by transformers: the input embedding reads the packed head's rows, or "
+                     "stays in float when embedding=False", fqns)
 
 
 def _tied_fqns(model: nn.Module, fqns: list[str]) -> list[str]:
@@ -372,19 +556,39 @@ def _linear_fqns(model: nn.Module, filter_fn: FilterFn | None, include_lm_head: 
             if is_linear(m) and n != head and (filter_fn is None or filter_fn(m, n))]
 
 
+def _tied_head(model: nn.Module, fqns: list[str]) -> str | None:
+    """The output head's name when it is among ``fqns`` and shares its weight with the input embedding."""
+    head, emb = _output_embedding_name(model), _input_embedding_name(model)
+    if head is None or emb is None or head not in fqns:
+        return None
+    w_head, w_emb = getattr(model.get_submodule(head), "weight", None), getattr(model.get_submodule(emb), "weight", None)
+    return head if w_head is not None and w_head is w_emb else None
+
+
+def _embedding_not_packed(model: nn.Module, head: str | None) -> None:
+    raise ValueError(f"embedding=True packs the input embedding together with the output head, but the head "
+                     f"{head!r} of {type(model).__name__} is not packed in this call; select it (include_lm_head=True "
+                     "and a filter_fn that accepts it) or leave embedding=None")
+
+
 def pack_model(model: nn.Module, bits: int = 4, group_size: int | None = 128, symmetric: bool | None = None,
                filter_fn: FilterFn | None = None, include_lm_head: bool = True, act_dtype: torch.dtype = torch.bfloat16,
-               progress: bool = True) -> nn.Module:
+               progress: bool = True, embedding: bool | None = None) -> nn.Module:
     """Replace the selected ``nn.Linear`` layers by round-to-nearest packed Int4/Int8WeightOnlyLinear, in place.
 
     ``bits`` 2..4 run on the int4 kernel (group-wise, ``group_size`` 32..256 or None = per-channel; default
     asymmetric); ``bits`` 5..8 on the int8 kernel (always per output channel and symmetric, ``group_size``
     ignored). ``symmetric=None`` means asymmetric for <= 4 bits and symmetric for more.
     ``filter_fn(module, fqn)`` chooses among the ``nn.Linear`` layers (default all); ``include_lm_head=False``
-    keeps the output projection in float. A TIED lm_head (SmolLM2 ties it to ``embed_tokens``; it is 21% of
-    that model's bytes) is UNTIED: the head becomes a packed layer and the input embedding keeps its float
-    weight (``config.tie_word_embeddings`` is set False), so bytes on disk grow by the packed head's ~1/8 of
-    the embedding while decoding gets the head's speed-up. Returns ``model``.
+    keeps the output projection in float.
+
+    ``embedding`` (default None: follow the head) packs the input token embedding when the output head is packed
+    in this call: a head TIED to the embedding (SmolLM2, Gemma-3, GPT-2, OPT, Qwen2 tie them) keeps the tie, the
+    embedding becoming a ``PackedEmbedding`` that reads the packed head's rows (one packed copy, as the float model
+    has one copy); an untied embedding gets its own packed copy at the same bits. ``embedding=False`` keeps it in
+    float (a tied head is then untied: the float table stays and the packed head is added to the bytes).
+    ``config.tie_word_embeddings`` is set False either way, so transformers never re-ties a packed head. Returns
+    ``model``.
     """
     if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8:
         raise ValueError(f"bits={bits!r} is not supported; use 2..4 (int4 kernel) or 5..8 (int8 kernel)")
@@ -397,6 +601,7 @@ def pack_model(model: nn.Module, bits: int = 4, group_size: int | None = 128, sy
         raise ValueError(f"no nn.Linear of {type(model).__name__} was selected; check filter_fn against "
                          "[n for n, _ in model.named_modules()]")
     tied = _tied_fqns(model, fqns)
+    tied_head = _tied_head(model, fqns)
     with torch.no_grad():
         for f in tqdm(fqns, desc=f"pack int{4 if bits <= 4 else 8} ({bits}-bit codes)", disable=not progress):
             lin = as_linear(model.get_submodule(f))  # GPT-2's Conv1D as the nn.Linear it computes
@@ -406,6 +611,11 @@ def pack_model(model: nn.Module, bits: int = 4, group_size: int | None = 128, sy
                 codes, qp = weight_codes(lin.weight, bits, None, True)
                 new = Int8WeightOnlyLinear.from_codes(codes, qp, lin.bias, act_dtype)
             set_module(model, f, new)
+    head = _output_embedding_name(model)
+    if embedding is not False and head in fqns:
+        _pack_embedding(model, bits, group_size, symmetric, act_dtype, tied_head)
+    elif embedding:
+        _embedding_not_packed(model, head)
     if tied:
         _untie_config(model, tied)
     _guard_save_pretrained(model)
@@ -413,12 +623,14 @@ def pack_model(model: nn.Module, bits: int = 4, group_size: int | None = 128, sy
 
 
 def pack_quantized(model: nn.Module, quantized: dict[str, tuple[Tensor, QParams]],
-                   act_dtype: torch.dtype = torch.bfloat16, progress: bool = True) -> nn.Module:
+                   act_dtype: torch.dtype = torch.bfloat16, progress: bool = True,
+                   embedding: bool | None = None) -> nn.Module:
     """Pack weights already quantized elsewhere (GPTQ, AWQ: ``{fqn: (codes, QParams)}``) without re-rounding, in place.
 
     Codes of <= 4 bits go to Int4WeightOnlyLinear, wider per-channel symmetric codes to Int8WeightOnlyLinear;
-    codes may be wider than the layer (K zero-padded before quantizing). A tied head is untied as in
-    ``pack_model``. Returns ``model``.
+    codes may be wider than the layer (K zero-padded before quantizing). The input embedding follows the head as
+    in ``pack_model``: shared with a tied packed head, or (untied) its own round-to-nearest copy at the head's bits.
+    Returns ``model``.
     """
     _check_act_dtype(act_dtype)
     for f, (codes, qp) in quantized.items():
@@ -433,11 +645,19 @@ def pack_quantized(model: nn.Module, quantized: dict[str, tuple[Tensor, QParams]
             raise ValueError(f"codes for {f!r} have shape {tuple(codes.shape)} but the layer weight is "
                              f"[{out_f}, {in_f}] as [out, in]; pass the codes of this layer")
     tied = _tied_fqns(model, list(quantized))
+    tied_head = _tied_head(model, list(quantized))
     with torch.no_grad():
         for f, (codes, qp) in tqdm(quantized.items(), desc="pack quantized", disable=not progress):
             lin = model.get_submodule(f)
             cls = Int4WeightOnlyLinear if qp.bits <= 4 else Int8WeightOnlyLinear
             set_module(model, f, cls.from_codes(codes, qp, lin.bias, act_dtype, in_features=weight_out_in(lin).shape[1]))
+    head = _output_embedding_name(model)
+    if embedding is not False and head in quantized:
+        qp = quantized[head][1]
+        group = qp.group_size if qp.group_size in INT4_GROUP_SIZES else 128
+        _pack_embedding(model, qp.bits, group, qp.symmetric, act_dtype, tied_head)
+    elif embedding:
+        _embedding_not_packed(model, head)
     if tied:
         _untie_config(model, tied)
     _guard_save_pretrained(model)
@@ -453,8 +673,15 @@ _DTYPES = {str(d).removeprefix("torch."): d for d in KERNEL_DTYPES}
 
 
 def packed_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """The Int4/Int8WeightOnlyLinear modules of ``model`` by dotted name."""
-    return {n: m for n, m in model.named_modules() if isinstance(m, (Int4WeightOnlyLinear, Int8WeightOnlyLinear))}
+    """The Int4/Int8WeightOnlyLinear modules of ``model`` by dotted name (not the storage of packed embeddings)."""
+    embeddings = tuple(f"{n}." for n in packed_embeddings(model))
+    return {n: m for n, m in model.named_modules() if isinstance(m, (Int4WeightOnlyLinear, Int8WeightOnlyLinear))
+            and not n.startswith(embeddings)}
+
+
+def packed_embeddings(model: nn.Module) -> dict[str, PackedEmbedding]:
+    """The PackedEmbedding modules of ``model`` by dotted name."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, PackedEmbedding)}
 
 
 def _refuse_save_pretrained(*args: Any, **kwargs: Any) -> None:
@@ -480,8 +707,8 @@ def save_packed(model: nn.Module, folder: str | Path) -> Path:
     """
     import json
 
-    layers = packed_layers(model)
-    if not layers:
+    layers, embeddings = packed_layers(model), packed_embeddings(model)
+    if not layers and not embeddings:
         raise ValueError(f"{type(model).__name__} has no packed layers; pack it first (pack_model / pack_quantized), "
                          "or save a float model the usual way")
     folder = Path(folder)
@@ -495,6 +722,20 @@ def save_packed(model: nn.Module, folder: str | Path) -> Path:
         if isinstance(m, Int4WeightOnlyLinear):
             entry["group_size"] = m.group_size
         index["layers"][name] = entry
+    names = {id(m): n for n, m in layers.items()}
+    index["embeddings"] = {}
+    for name, e in embeddings.items():
+        src = e.packed
+        entry = {"kind": "int4" if isinstance(src, Int4WeightOnlyLinear) else "int8",
+                 "num_embeddings": e.num_embeddings, "embedding_dim": e.embedding_dim,
+                 "act_dtype": str(src.act_dtype).removeprefix("torch."), "out_dtype": str(e.out_dtype).removeprefix("torch."),
+                 "embed_scale": e.embed_scale, "padding_idx": e.padding_idx,
+                 "tied_to": names.get(id(src)) if e.tied else None}
+        if e.tied and entry["tied_to"] is None:
+            raise ValueError(f"the packed embedding {name!r} reads a head that is not a packed layer of this model")
+        if isinstance(src, Int4WeightOnlyLinear):
+            entry["group_size"] = src.group_size
+        index["embeddings"][name] = entry
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "save_pretrained"):
         config.save_pretrained(str(folder))
@@ -529,13 +770,24 @@ def load_packed(folder: str | Path, base: nn.Module | None = None) -> nn.Module:
         cls = getattr(importlib.import_module(module_name), cls_name)
         config = AutoConfig.from_pretrained(str(folder))
         base = cls._from_config(config) if hasattr(cls, "_from_config") else cls(config)
+    def empty(kind: str, k: int, n: int, group: int | None, bias: bool, dtype: torch.dtype) -> nn.Module:
+        if kind == "int4":
+            return Int4WeightOnlyLinear(k, n, group, bias, dtype)
+        return Int8WeightOnlyLinear(k, n, bias, dtype)
+
+    embeddings = index.get("embeddings", {})
     for name, e in index["layers"].items():
-        dtype = _DTYPES[e["act_dtype"]]
-        if e["kind"] == "int4":
-            new = Int4WeightOnlyLinear(e["in_features"], e["out_features"], e["group_size"], e["bias"], dtype)
+        set_module(base, name, empty(e["kind"], e["in_features"], e["out_features"], e.get("group_size"), e["bias"],
+                                     _DTYPES[e["act_dtype"]]))
+    for name, e in embeddings.items():
+        if e["tied_to"] is not None:
+            src = base.get_submodule(e["tied_to"])
         else:
-            new = Int8WeightOnlyLinear(e["in_features"], e["out_features"], e["bias"], dtype)
-        set_module(base, name, new)
+            src = empty(e["kind"], e["embedding_dim"], e["num_embeddings"], e.get("group_size"), False,
+                        _DTYPES[e["act_dtype"]])
+        out_dtype = getattr(torch, e["out_dtype"])
+        set_module(base, name, PackedEmbedding(src, tied=e["tied_to"] is not None, embed_scale=e["embed_scale"],
+                                               out_dtype=out_dtype, padding_idx=e["padding_idx"]))
     state = torch.load(folder / PACKED_FILE, map_location="cpu", weights_only=True)
     base.load_state_dict(state, strict=True)  # int4 layers check the CPU capability here
     _guard_save_pretrained(base)
