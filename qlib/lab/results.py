@@ -186,6 +186,44 @@ def read_metrics(path: Path) -> dict:
     return json.loads(path.read_text())
 
 
+def run_parameters(executed: Path) -> dict[str, Any]:
+    """The parameters an executed notebook ran with: its parameters cell's defaults, overridden by what papermill
+    injected (``metadata.papermill.parameters``). Literal values only; a default that is not a literal is skipped."""
+    import ast
+
+    nb = json.loads(Path(executed).read_text())
+    params: dict[str, Any] = {}
+    for cell in nb.get("cells", []):
+        if cell.get("cell_type") == "code" and "parameters" in cell.get("metadata", {}).get("tags", []):
+            for node in ast.parse("".join(cell["source"])).body:
+                if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+                    try:
+                        params[node.targets[0].id] = ast.literal_eval(node.value)
+                    except ValueError:
+                        pass
+            break
+    params.update(nb.get("metadata", {}).get("papermill", {}).get("parameters", {}))
+    return params
+
+
+def sibling_runs(out_dir: str | Path, notebook: str) -> list[dict[str, Any]]:
+    """Finished full runs of ``notebook`` in the other folders beside ``out_dir`` (e.g. ``results/04_gptq`` and
+    ``results/04_gptq_gemma3-270m``): ``{"out_dir", "metrics", "parameters"}`` each, the parameters read from the
+    executed copy there (None where it is missing). Smoke runs are left out."""
+    out_dir = Path(out_dir).resolve()
+    found = []
+    for path in sorted(out_dir.parent.glob(f"{notebook}*/metrics.json")):
+        if path.parent == out_dir:
+            continue
+        record = json.loads(path.read_text())
+        if record.get("notebook") != notebook or record.get("provenance", {}).get("smoke"):
+            continue
+        executed = path.parent / f"{notebook}.ipynb"
+        found.append({"out_dir": path.parent, "metrics": record,
+                      "parameters": run_parameters(executed) if executed.is_file() else None})
+    return found
+
+
 def save_figure(fig, out_dir: Path, name: str, dpi: int = 120) -> Path:
     """Save a matplotlib figure as ``<out_dir>/<name>.png`` atomically."""
     out_dir = Path(out_dir)
