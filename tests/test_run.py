@@ -175,11 +175,27 @@ def test_parameters_are_checked_before_anything_runs(tmp_path):
 
 def test_metrics_name_the_notebook_whatever_out_is(tmp_path):
     nb = _notebook(tmp_path / "03_named.ipynb", [
-        "import pathlib\nfrom qlib.lab.results import notebook_name\npathlib.Path(OUT).mkdir(parents=True)\n"
+        "import pathlib\nfrom qlib.lab.results import notebook_name\npathlib.Path(OUT).mkdir(parents=True, exist_ok=True)\n"
         "pathlib.Path(OUT, 'name').write_text(notebook_name(OUT))"])
     elsewhere = tmp_path / "somewhere" / "else"
     outcome = run_notebook(nb, smoke=True, out_root=tmp_path / "out", parameters={"OUT": str(elsewhere)},
                            progress=False)
     assert outcome.ok and outcome.out_dir == elsewhere
     assert (elsewhere / "name").read_text() == "03_named"
-    assert (tmp_path / "out" / "03_named" / "03_named.ipynb").exists()   # completed: the executed copy is in place
+    assert (elsewhere / "03_named.ipynb").exists()   # completed: the executed copy sits beside its metrics
+    assert not (tmp_path / "out" / "03_named").exists()
+
+
+def test_out_is_injected_relative_to_the_notebook_and_can_be_moved(tmp_path):
+    from qlib.lab.paths import REPO_ROOT
+    from qlib.lab.run import notebook_run_parameters
+
+    nb = REPO_ROOT / "notebooks" / "04_gptq.ipynb"
+    out_dir, params = notebook_run_parameters(nb, smoke=False)
+    assert out_dir == REPO_ROOT / "results" / "04_gptq" and params["OUT"] == "../results/04_gptq"  # no machine path
+    out_dir, params = notebook_run_parameters(nb, smoke=False, parameters={"OUT": "../results/04_gptq_gemma3-270m",
+                                                                          "LM": "gemma3-270m"})
+    assert out_dir == REPO_ROOT / "results" / "04_gptq_gemma3-270m"
+    assert params == {"SMOKE": False, "OUT": "../results/04_gptq_gemma3-270m", "LM": "gemma3-270m"}
+    out_dir, params = notebook_run_parameters(nb, smoke=True, out_root=tmp_path)
+    assert out_dir == tmp_path.resolve() / "04_gptq" and params["OUT"] == str(out_dir)  # outside the repo: as is

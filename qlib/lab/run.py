@@ -210,10 +210,21 @@ def check_parameters(path: Path, overrides: dict[str, Any]) -> None:
 
 def notebook_run_parameters(path: Path, *, smoke: bool, out_root: Path | None = None,
                             parameters: dict | None = None) -> tuple[Path, dict[str, Any]]:
-    """The runner's output folder for ``path`` and the parameters it passes (SMOKE, OUT, then the overrides)."""
-    out_root = Path(out_root or (SMOKE_DIR if smoke else RESULTS_DIR))
-    out_dir = out_root / path.stem
-    return out_dir, {"SMOKE": smoke, "OUT": str(out_dir), **(parameters or {})}
+    """The runner's output folder for ``path`` and the parameters it passes (SMOKE, OUT, then the overrides).
+
+    OUT is ``<out_root>/<stem>``, injected relative to the notebook's folder when it lies inside the repository (the
+    executed copy then names no path of the machine that ran it). ``-p OUT=...`` (relative to the notebook's
+    folder, as in its parameters cell) moves the whole output, executed copy included: ``-p
+    OUT=../results/04_gptq_gemma3-270m`` keeps a second model's run beside the default one.
+    """
+    parameters = dict(parameters or {})
+    if "OUT" in parameters:
+        out_dir = (Path(path).parent / str(parameters.pop("OUT"))).resolve()
+    else:
+        out_dir = (Path(out_root or (SMOKE_DIR if smoke else RESULTS_DIR)) / path.stem).resolve()
+    notebook_dir = Path(path).parent.resolve()
+    shown = os.path.relpath(out_dir, notebook_dir) if out_dir.is_relative_to(REPO_ROOT) else str(out_dir)
+    return out_dir, {"SMOKE": smoke, "OUT": shown, **parameters}
 
 
 def metrics_dir(path: Path, params: dict[str, Any]) -> Path:
