@@ -129,3 +129,20 @@ def test_metrics_name_the_notebook_that_ran_not_the_folder(tmp_path, monkeypatch
     monkeypatch.setenv(NOTEBOOK_ENV, "07_cnn")                                    # the runner says which it runs
     run = Run(tmp_path / "somewhere" / "else", seed=0, smoke=True)
     assert read_metrics(run.finish([Claim("c", "a", "m", "partly")]))["notebook"] == "07_cnn"
+
+
+def test_figure_is_shown_inline_in_a_notebook_and_its_path_is_not_printed(tmp_path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from IPython.core.interactiveshell import InteractiveShell
+    from IPython.utils.capture import capture_output
+
+    InteractiveShell.instance()  # a kernel-like shell: display() goes to its display publisher
+    fig, ax = plt.subplots()
+    ax.plot([0, 1], [1, 0])
+    with capture_output() as shown:
+        path = Run(tmp_path / "nb").figure(fig, "f")
+    assert len(shown.outputs) == 1 and shown.outputs[0].data["image/png"][:4] == "iVBO"  # base64 of a PNG header
+    assert not plt.get_fignums()  # closed: not drawn a second time
+    assert path.is_file() and hasattr(path, "_ipython_display_") and path._ipython_display_() is None

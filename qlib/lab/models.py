@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from qlib.lab.fetch import sha256_file
 from qlib.lab.bench import num_threads
+from qlib.lab import family_models
 from qlib.lab.paths import cache_dir, package_dir
 
 if TYPE_CHECKING:
@@ -59,6 +60,7 @@ LM_NOTES = {  # what every user of a zoo LM must know: its fp32 weights are dequ
     "gemma3-270m": "weights dequantized from a Q4_K_M GGUF (4/6-bit k-quants, super-blocks of 256): quantization-derived, "
                    "not the original bf16 checkpoint",
 }
+LM_NOTES.update(family_models.NOTES)  # the family test models (qlib.lab.family_models) say what they are too
 STALE_TMP_SECONDS = 24 * 3600  # a temp build folder this old was left by a killed process
 TRAIN_THREADS = 2  # the lab machine has 2 cores; more threads only add contention
 
@@ -271,6 +273,9 @@ def load_lm(model: str = "smollm2-135m", dtype: torch.dtype = torch.float32) -> 
     if model in LM_KEYS:
         path = str(cached_build(model, lambda tmp: _build_lm(model, tmp)))
         lm = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    elif model in family_models.FAMILY_KEYS:  # the lab's test models of other families, built here
+        path = str(cached_build(model, lambda tmp: family_models.build(model, tmp), family_models.recipe(model)))
+        lm = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     else:
         lm = _from_pretrained(AutoModelForCausalLM, model, LM_KEYS, dtype=dtype)
         path = _local_or_hub(model)
@@ -280,7 +285,8 @@ def load_lm(model: str = "smollm2-135m", dtype: torch.dtype = torch.float32) -> 
 # --------------------------------------------------------------------------------------------------
 # facts about a loaded LM, for claims and findings that must name the model that ran
 
-DISPLAY_NAMES = {"smollm2-135m": "SmolLM2-135M", "gemma3-270m": "Gemma-3-270M"}  # zoo key -> the model's own name
+DISPLAY_NAMES = {"smollm2-135m": "SmolLM2-135M", "gemma3-270m": "Gemma-3-270M",  # zoo key -> the model's own name
+                 **family_models.DISPLAY_NAMES}
 
 
 @dataclass(frozen=True)

@@ -239,6 +239,13 @@ def save_figure(fig, out_dir: Path, name: str, dpi: int = 120) -> Path:
     return path
 
 
+class SavedFigure(type(Path())):
+    """The path of a saved figure; IPython shows nothing for it (the figure itself is displayed)."""
+
+    def _ipython_display_(self) -> None:
+        pass
+
+
 class Run:
     """One notebook run: records metrics step by step (saved as it goes) and writes the final metrics.json.
 
@@ -266,8 +273,21 @@ class Run:
         return value
 
     def figure(self, fig, name: str) -> Path:
-        """Save a figure next to the metrics."""
-        return save_figure(fig, self.out_dir, name)
+        """Save a figure as ``<name>.png`` next to the metrics and show that PNG in the notebook (the executed copy
+        keeps it as an ``image/png`` output), then close the figure so it is not drawn twice. Returns the file's
+        path, which a notebook does not print when the call ends a cell (the picture is shown instead)."""
+        path = SavedFigure(save_figure(fig, self.out_dir, name))
+        try:
+            from IPython import get_ipython
+            from IPython.display import Image, display
+        except ImportError:  # plain Python: the file is the figure
+            get_ipython = None
+        if get_ipython is not None and get_ipython() is not None:
+            display(Image(filename=str(path)))
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)
+        return path
 
     def finish(self, claims: Iterable[Claim | dict] = ()) -> Path:
         """Write the final metrics.json with claims and provenance."""

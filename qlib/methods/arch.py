@@ -40,6 +40,9 @@ class ArchSpec:
     scale_groups: tuple[ScaleGroup, ...]
     transposed: bool = False  # GPT-2 Conv1D stores weight as [in, out] (the helpers detect Conv1D by its type)
     norm_weight_offset: float = 0.0  # Gemma RMSNorm multiplies by (offset + weight): scale (offset + w), not w
+    embedding: str = ""  # dotted path of the token embedding from the task model
+    head: tuple[str, ...] = ()  # dotted paths of the linears after the blocks (LM head, or pooler + classifier)
+    models: str = ""  # the models people know this row by, for the README's table
 
     def __post_init__(self) -> None:
         if len(self.sequential) != len(ROLES):
@@ -75,6 +78,7 @@ _BERT_LIKE = dict(
 ARCHS: tuple[ArchSpec, ...] = (
     ArchSpec(
         family="llama",  # Llama (SmolLM2, TinyLlama), Mistral, Qwen2, Qwen3 (q_norm/k_norm sit after q/k: no effect here)
+        embedding="model.embed_tokens", head=("lm_head",), models="Llama, SmolLM2, TinyLlama, Mistral, Qwen2, Qwen3",
         model_types=("llama", "mistral", "qwen2", "qwen3"),
         blocks="model.layers",
         **_LLAMA_LIKE,
@@ -87,6 +91,7 @@ ARCHS: tuple[ArchSpec, ...] = (
     ),
     ArchSpec(
         family="gemma3",
+        embedding="model.embed_tokens", head=("lm_head",), models="Gemma-3 (text)",
         model_types=("gemma3_text", "gemma3"),
         blocks="model.layers",  # Gemma3ForConditionalGeneration: model.language_model.layers (found by get_blocks)
         **_LLAMA_LIKE,
@@ -100,6 +105,7 @@ ARCHS: tuple[ArchSpec, ...] = (
     ),
     ArchSpec(
         family="phi3",
+        embedding="model.embed_tokens", head=("lm_head",), models="Phi-3",
         model_types=("phi3",),
         blocks="model.layers",
         sequential=(("self_attn.qkv_proj",), ("self_attn.o_proj",), ("mlp.gate_up_proj",), ("mlp.down_proj",)),
@@ -109,6 +115,7 @@ ARCHS: tuple[ArchSpec, ...] = (
     ),
     ArchSpec(
         family="opt",
+        embedding="model.decoder.embed_tokens", head=("lm_head",), models="OPT",
         model_types=("opt",),
         blocks="model.decoder.layers",
         sequential=(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.out_proj",),
@@ -122,6 +129,7 @@ ARCHS: tuple[ArchSpec, ...] = (
     ),
     ArchSpec(
         family="gpt_neox",  # GPT-NeoX, Pythia
+        embedding="gpt_neox.embed_in", head=("lm_head",), models="GPT-NeoX, Pythia",
         model_types=("gpt_neox",),
         blocks="gpt_neox.layers",
         sequential=(("attention.query_key_value",), ("attention.dense",), ("mlp.dense_h_to_4h",),
@@ -133,16 +141,22 @@ ARCHS: tuple[ArchSpec, ...] = (
     ),
     ArchSpec(
         family="gpt2",
+        embedding="transformer.wte", head=("lm_head",), models="GPT-2",
         model_types=("gpt2",),
         blocks="transformer.h",
         sequential=(("attn.c_attn",), ("attn.c_proj",), ("mlp.c_fc",), ("mlp.c_proj",)),
         scale_groups=(ScaleGroup("ln_1", ("attn.c_attn",), "attn"), ScaleGroup("ln_2", ("mlp.c_fc",), "mlp")),
         transposed=True,
     ),
-    ArchSpec(family="bert", model_types=("bert",), blocks="bert.encoder.layer", **_BERT_LIKE),  # BertModel: encoder.layer
-    ArchSpec(family="roberta", model_types=("roberta", "xlm-roberta"), blocks="roberta.encoder.layer", **_BERT_LIKE),
+    ArchSpec(family="bert", model_types=("bert",), blocks="bert.encoder.layer", **_BERT_LIKE,  # BertModel: encoder.layer
+             embedding="bert.embeddings.word_embeddings", head=("bert.pooler.dense", "classifier"),
+             models="BERT, MiniLM"),
+    ArchSpec(family="roberta", model_types=("roberta", "xlm-roberta"), blocks="roberta.encoder.layer", **_BERT_LIKE,
+             embedding="roberta.embeddings.word_embeddings", head=("classifier.dense", "classifier.out_proj"),
+             models="RoBERTa, XLM-RoBERTa"),
     ArchSpec(
         family="distilbert",
+        embedding="distilbert.embeddings.word_embeddings", head=("pre_classifier", "classifier"), models="DistilBERT",
         model_types=("distilbert",),
         blocks="distilbert.transformer.layer",
         sequential=(("attention.q_lin", "attention.k_lin", "attention.v_lin"), ("attention.out_lin",),
@@ -150,6 +164,29 @@ ARCHS: tuple[ArchSpec, ...] = (
         scale_groups=(ScaleGroup("attention.v_lin", ("attention.out_lin",)),),  # post-LN, as BERT
     ),
 )
+
+
+def family_table() -> str:
+    """The architecture table as Markdown, one row per family (the README's "Run it on your model" shows it)."""
+    def code(names: Iterable[str]) -> str:
+        return ", ".join(f"`{n}`" for n in names) or "—"
+
+    rows = ["| family | models | `model_type` | embedding | blocks | attention in → out | MLP in → out | head "
+            "| AWQ scale groups (norm or linear → linears) |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    for spec in ARCHS:
+        attn = f"{code(spec.role_linears('attn_in'))} → {code(spec.role_linears('attn_out'))}"
+        mlp = f"{code(spec.role_linears('mlp_in'))} → {code(spec.role_linears('mlp_out'))}"
+        groups = "; ".join(f"`{g.prev}` → {', '.join(f'`{x}`' for x in g.linears)}" for g in spec.scale_groups)
+        notes = []
+        if spec.transposed:
+            notes.append("`Conv1D` weights [in, out]")
+        if spec.norm_weight_offset:
+            notes.append(f"norms scale by {spec.norm_weight_offset:g} + w")
+        blocks = f"`{spec.blocks}`" + (f" ({'; '.join(notes)})" if notes else "")
+        rows.append(f"| {spec.family} | {spec.models} | {code(spec.model_types)} | `{spec.embedding}` | {blocks} | "
+                    f"{attn} | {mlp} | {code(spec.head)} | {groups} |")
+    return "\n".join(rows) + "\n"
 
 
 def supported_model_types() -> tuple[str, ...]:

@@ -860,3 +860,19 @@ def packed_bytes(model: nn.Module) -> int:
             seen.add(key)
             total += t.numel() * t.element_size()
     return total
+
+
+def embedding_only_bytes(model: nn.Module) -> int:
+    """Bytes held by the input token embedding alone (not shared with the head): what a decoded token does not read
+    in full, since a lookup reads one row. 0 for an embedding tied to the head (float, or a PackedEmbedding reading
+    the packed head); the packed copy's bytes for an untied PackedEmbedding; the float table's otherwise."""
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if emb is None:
+        return 0
+    if isinstance(emb, PackedEmbedding):
+        return 0 if emb.tied else packed_bytes(emb.source)
+    weight = getattr(emb, "weight", None)
+    if weight is None:
+        return 0
+    shared = any(p is weight for n, m in model.named_modules() if m is not emb for p in m.parameters(recurse=False))
+    return 0 if shared else weight.numel() * weight.element_size()
