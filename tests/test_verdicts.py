@@ -126,3 +126,19 @@ def test_claim_takes_a_judgement_or_an_explicit_word():
     c = claim("c", "a", "m", judge(make(), 3.0), "context")
     assert c.verdict == "reproduced" and c.note.endswith(". Context") and "bars:" in c.note
     assert claim("c", "a", "m", "not testable offline").verdict == "not testable offline"
+
+
+def test_claims_table_is_untruncated_markdown_with_escaped_cells():
+    from qlib.lab.results import Claim
+    from qlib.lab.verdicts import claims_markdown, show_claims
+
+    long = "a measured value " * 20
+    claims = [Claim("X | Y holds", "the article: 2×", long, "partly", "bar: > 1.5×\nsecond line"),
+              {"claim": "Z", "article": "—", "measured": "3", "verdict": "reproduced", "note": ""}]
+    text = claims_markdown(claims)
+    lines = text.splitlines()
+    assert lines[0] == "| claim | the article | measured | verdict | bar and note |" and len(lines) == 4
+    assert long.strip() in text and "X \\| Y holds" in text and "bar: > 1.5×<br>second line" in text
+    assert "**partly**" in lines[2] and "**reproduced**" in lines[3]
+    assert all(ln.count(" | ") == 4 for ln in lines[2:])  # five cells a row: the escaped pipe splits none
+    assert show_claims(claims).data == text

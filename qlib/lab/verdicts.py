@@ -296,3 +296,28 @@ def bars_note(*bar_ids: str, reference: float | None = None) -> str:
 def bar_ids_in(text: str) -> set[str]:
     """Bar ids quoted in a piece of code (what a notebook uses)."""
     return {m for m in re.findall(r"""["'](\d\d\.[a-z0-9_]+\.[a-z0-9_]+)["']""", text)}
+
+
+def _cell(text: str) -> str:
+    """Text for one Markdown table cell: pipes escaped, line breaks as <br>."""
+    return str(text).replace("|", "\\|").replace("\n", "<br>").strip()
+
+
+def claims_markdown(claims: Iterable[Claim | dict]) -> str:
+    """A notebook's claims as one untruncated Markdown table: claim, the article, measured, verdict, bar and note."""
+    rows = ["| claim | the article | measured | verdict | bar and note |", "|---|---|---|---|---|"]
+    for c in claims:
+        d = c if isinstance(c, dict) else dataclasses.asdict(c)
+        rows.append("| " + " | ".join(_cell(d.get(k, "")) for k in ("claim", "article", "measured")) +
+                    f" | **{_cell(d['verdict'])}** | {_cell(d.get('note', ''))} |")
+    return "\n".join(rows) + "\n"
+
+
+def show_claims(claims: Iterable[Claim | dict]):
+    """The claims table for a notebook cell's output (an IPython Markdown object; plain text outside IPython)."""
+    text = claims_markdown(claims)
+    try:
+        from IPython.display import Markdown
+    except ImportError:
+        return text
+    return Markdown(text)
