@@ -17,7 +17,9 @@ torchao while ``python -m qlib fetch`` does not import torch.
 from __future__ import annotations
 
 import importlib
+import logging
 import os
+import warnings
 
 __version__ = "0.1.0"
 
@@ -27,6 +29,29 @@ OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_
                "TOKENIZERS_PARALLELISM": "false"}
 for _k, _v in OFFLINE_ENV.items():
     os.environ.setdefault(_k, _v)
+
+
+class _DropKnownNoise(logging.Filter):
+    """Drops log records that are known to be harmless here; every other record of the logger passes."""
+
+    def __init__(self, *fragments: str) -> None:
+        super().__init__()
+        self.fragments = fragments
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(f in message for f in self.fragments)
+
+
+# Start-up messages that every notebook would otherwise open with, silenced once here (qlib is imported before the
+# libraries that print them), each for a stated reason; nothing else from these loggers is hidden:
+# - torchao ships CUDA-only extensions (_C_mxfp8, _C_cutlass_90a) that cannot load in a CPU build of torch, and logs
+#   "Failed to load <path>" for each at import;
+# - torchao registers its Enum config types with torch's pytree, which torch 2.13 supports natively and warns about;
+# - tqdm.auto inside a Jupyter kernel without ipywidgets warns "IProgress not found" and uses text bars, as wanted.
+logging.getLogger("torchao").addFilter(_DropKnownNoise("Failed to load", "_C_"))
+logging.getLogger("torch.utils._pytree").addFilter(_DropKnownNoise("is an Enum subclass and is now natively supported"))
+warnings.filterwarnings("ignore", message="IProgress not found")
 
 _EXPORTS = {  # public name -> module that defines it
     "quantize_": "qlib.quant.api", "select_linears": "qlib.quant.api",

@@ -21,6 +21,9 @@ from typing import Any
 import torch
 
 FAMILY_KEYS = ("smollm2-135m-qwen2", "tiny-gpt2", "tiny-opt")
+CLASSIFIER_FAMILY_KEYS = ("tiny-distilbert-sentiment", "tiny-roberta-sentiment")
+TINY_CLF = dict(vocab=2048, width=128, blocks=2, heads=4, ffn=512, positions=130, steps=400, batch=32, max_length=64,
+                lr=2e-3, seed=0)
 TINY = dict(vocab=1024, width=128, blocks=4, heads=4, ffn=512, positions=1024, steps=400, batch=8, seq=128, lr=3e-3,
             seed=0)
 NOTES = {
@@ -31,12 +34,21 @@ NOTES = {
     "tiny-opt": "a 4-block OPT (width 128, 1,024-token BPE) trained here for 400 steps on the calib text splits: a "
                 "test model of the OPT family, not a useful language model",
 }
-DISPLAY_NAMES = {"smollm2-135m-qwen2": "Qwen2-135M", "tiny-gpt2": "Tiny-GPT-2", "tiny-opt": "Tiny-OPT"}
+NOTES.update({
+    "tiny-distilbert-sentiment": "a 2-block DistilBERT (width 128, 2,048-token WordPiece) trained here from scratch "
+                                 "for 400 steps on the movie-sentiment train split: a test model of the DistilBERT family",
+    "tiny-roberta-sentiment": "a 2-block RoBERTa (width 128, 2,048-token byte-level BPE) trained here from scratch for "
+                              "400 steps on the movie-sentiment train split: a test model of the RoBERTa family",
+})
+DISPLAY_NAMES = {"tiny-distilbert-sentiment": "Tiny-DistilBERT sentiment", "tiny-roberta-sentiment": "Tiny-RoBERTa sentiment",
+                 "smollm2-135m-qwen2": "Qwen2-135M", "tiny-gpt2": "Tiny-GPT-2", "tiny-opt": "Tiny-OPT"}
 
 
 def recipe(key: str) -> dict[str, Any] | None:
     """The settings an entry is built with (a changed recipe rebuilds it)."""
-    return None if key == "smollm2-135m-qwen2" else {**TINY, "family": key}
+    if key == "smollm2-135m-qwen2":
+        return None
+    return {**(TINY_CLF if key in CLASSIFIER_FAMILY_KEYS else TINY), "family": key}
 
 
 def build(key: str, tmp: Path) -> dict:
@@ -45,7 +57,9 @@ def build(key: str, tmp: Path) -> dict:
         return _qwen2_from_smollm2(tmp)
     if key in ("tiny-gpt2", "tiny-opt"):
         return _tiny(key, tmp)
-    raise ValueError(f"{key!r} is not a family test model; use one of {', '.join(FAMILY_KEYS)}")
+    if key in CLASSIFIER_FAMILY_KEYS:
+        return _tiny_classifier(key, tmp)
+    raise ValueError(f"{key!r} is not a family test model; use one of {', '.join(FAMILY_KEYS + CLASSIFIER_FAMILY_KEYS)}")
 
 
 def _qwen2_from_smollm2(tmp: Path) -> dict:
@@ -152,3 +166,94 @@ def _tiny(key: str, tmp: Path) -> dict:
     return {"key": key, "architecture": cls.__name__, "params": sum(p.numel() for p in model.parameters()),
             "train_tokens": r["steps"] * r["batch"] * r["seq"], "final_loss": sum(losses[-20:]) / 20,
             "note": NOTES[key], "build_seconds": round(time.perf_counter() - start, 1)}
+
+
+def _classifier_tokenizer(key: str, texts: list[str], vocab: int):
+    """A WordPiece tokenizer (DistilBERT's kind) or a byte-level BPE (RoBERTa's), trained on ``texts``."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    if key == "tiny-distilbert-sentiment":
+        special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+        tk = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+        tk.normalizer = normalizers.BertNormalizer(lowercase=True)
+        tk.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        tk.decoder = decoders.WordPiece()
+        tk.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=vocab, special_tokens=special,
+                                                                show_progress=False))
+        cls, sep = tk.token_to_id("[CLS]"), tk.token_to_id("[SEP]")
+        tk.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]",
+                                                          special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
+        return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
+                                       sep_token="[SEP]", mask_token="[MASK]")
+    special = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
+    tk = Tokenizer(models.BPE(unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    tk.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab, special_tokens=special, show_progress=False,
+                                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tk.post_processor = processors.RobertaProcessing(("</s>", tk.token_to_id("</s>")), ("<s>", tk.token_to_id("<s>")))
+    return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   pad_token="<pad>", cls_token="<s>", sep_token="</s>", mask_token="<mask>")
+
+
+def _tiny_classifier(key: str, tmp: Path) -> dict:
+    import numpy as np
+    import transformers as T
+    from tqdm.auto import tqdm
+
+    from qlib.lab.bench import num_threads
+    from qlib.lab.data import sentiment_dataset
+
+    r = TINY_CLF
+    start = time.perf_counter()
+    texts, labels = sentiment_dataset("train")
+    tokenizer = _classifier_tokenizer(key, texts, r["vocab"])
+    labels_t = torch.as_tensor(np.asarray(labels), dtype=torch.long)
+    common = dict(num_labels=2, id2label={0: "negative", 1: "positive"}, label2id={"negative": 0, "positive": 1})
+    if key == "tiny-distilbert-sentiment":
+        config = T.DistilBertConfig(vocab_size=len(tokenizer), dim=r["width"], hidden_dim=r["ffn"], n_layers=r["blocks"],
+                                    n_heads=r["heads"], max_position_embeddings=r["positions"],
+                                    pad_token_id=tokenizer.pad_token_id, **common)
+        cls = T.DistilBertForSequenceClassification
+    else:
+        config = T.RobertaConfig(vocab_size=len(tokenizer), hidden_size=r["width"], intermediate_size=r["ffn"],
+                                 num_hidden_layers=r["blocks"], num_attention_heads=r["heads"],
+                                 max_position_embeddings=r["positions"], pad_token_id=tokenizer.pad_token_id,
+                                 bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, **common)
+        cls = T.RobertaForSequenceClassification
+    torch.manual_seed(r["seed"])
+    model = cls(config)
+    g = torch.Generator().manual_seed(r["seed"])
+    opt = torch.optim.AdamW(model.parameters(), lr=r["lr"], weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / 40) * 0.5 * (1 + math.cos(math.pi * s / r["steps"])))
+    before = torch.get_num_threads()
+    torch.set_num_threads(num_threads(None))
+    model.train()
+    try:
+        for _ in tqdm(range(r["steps"]), desc=f"train {key}", leave=False):
+            idx = torch.randint(0, len(texts), (r["batch"],), generator=g).tolist()
+            enc = tokenizer([texts[i] for i in idx], padding=True, truncation=True, max_length=r["max_length"],
+                            return_tensors="pt")
+            loss = model(**enc, labels=labels_t[idx]).loss
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+        model.eval()
+        test_texts, test_labels = sentiment_dataset("test")
+        correct = 0
+        with torch.inference_mode():
+            for i in range(0, len(test_texts), 64):
+                enc = tokenizer(test_texts[i:i + 64], padding=True, truncation=True, max_length=r["max_length"],
+                                return_tensors="pt")
+                correct += int((model(**enc).logits.argmax(-1).numpy() == np.asarray(test_labels[i:i + 64])).sum())
+    finally:
+        torch.set_num_threads(before)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    return {"key": key, "architecture": cls.__name__, "params": sum(p.numel() for p in model.parameters()),
+            "test_accuracy": round(correct / len(test_texts), 4), "note": NOTES[key],
+            "build_seconds": round(time.perf_counter() - start, 1)}

@@ -286,6 +286,7 @@ def load_lm(model: str = "smollm2-135m", dtype: torch.dtype = torch.float32) -> 
 # facts about a loaded LM, for claims and findings that must name the model that ran
 
 DISPLAY_NAMES = {"smollm2-135m": "SmolLM2-135M", "gemma3-270m": "Gemma-3-270M",  # zoo key -> the model's own name
+                 "minilm-sentiment": "MiniLM-L6 sentiment", "minilm-l6": "MiniLM-L6",
                  **family_models.DISPLAY_NAMES}
 
 
@@ -468,6 +469,9 @@ def load_classifier(model: str = "minilm-sentiment", smoke: bool = False, progre
     if model in CLASSIFIER_KEYS:
         path = str(cached_build(_cache_key(model, smoke), lambda tmp: _train_classifier(tmp, smoke, progress),
                            recipe=CLASSIFIER_RECIPES[smoke]))
+        clf = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32)
+    elif model in family_models.CLASSIFIER_FAMILY_KEYS:  # the lab's test classifiers of other encoder families
+        path = str(cached_build(model, lambda tmp: family_models.build(model, tmp), family_models.recipe(model)))
         clf = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32)
     else:
         clf = _from_pretrained(AutoModelForSequenceClassification, model, CLASSIFIER_KEYS, dtype=torch.float32)

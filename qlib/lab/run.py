@@ -50,7 +50,8 @@ from qlib.lab.results import NOTEBOOK_ENV, atomic_write_text
 NOTEBOOK_DIR = REPO_ROOT / "notebooks"
 SMOKE_DIR = REPO_ROOT / ".smoke"
 RESULTS_DIR = REPO_ROOT / "results"
-KERNEL_ENV = {"MPLBACKEND": "Agg"}   # kernels save figures to files and never open a window
+KERNEL_ENV = {"MPLBACKEND": "Agg",  # kernels save figures to files (shown inline as PNGs) and never open a window
+              "HF_HUB_DISABLE_PROGRESS_BARS": "1"}  # no "Loading weights" bars in executed notebooks
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 SHUTDOWN_GRACE_S = 4.0              # a stopped kernel gets this long to exit (half after SIGTERM), then SIGKILL
 

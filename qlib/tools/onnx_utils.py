@@ -393,6 +393,16 @@ def op_counts(path: str | Path) -> dict[str, int]:
 
 # ----------------------------------------------------------------------------------------------------- rotary
 @contextlib.contextmanager
+def complex_rope_unsupported(model: nn.Module) -> str | None:
+    """Why :func:`complex_rope` cannot run on ``model`` (one sentence), or None when it can."""
+    module = sys.modules[type(model).__module__]
+    rotary = getattr(getattr(model, "model", model), "rotary_emb", None)
+    if rotary is None or not hasattr(module, "apply_rotary_pos_emb") or not hasattr(rotary, "inv_freq"):
+        return (f"{type(model).__name__} has no rotary position embedding of the Llama kind (rotary_emb with inv_freq "
+                "and apply_rotary_pos_emb), so the complex-number rotary cannot be swapped in")
+    return None
+
+
 def complex_rope(model: nn.Module, broadcast_first: bool = False) -> Iterator[None]:
     """Run an HF Llama-family model with rotary embeddings written in complex numbers, as Meta's reference Llama does.
 
@@ -403,8 +413,9 @@ def complex_rope(model: nn.Module, broadcast_first: bool = False) -> Iterator[No
     """
     module = sys.modules[type(model).__module__]
     rotary = getattr(getattr(model, "model", model), "rotary_emb", None)
-    if rotary is None or not hasattr(module, "apply_rotary_pos_emb"):
-        raise TypeError(f"{type(model).__name__} has no rotary_emb / apply_rotary_pos_emb; pass a Llama-family HF model.")
+    reason = complex_rope_unsupported(model)
+    if reason:
+        raise TypeError(f"{reason}; pass a Llama-family HF model.")
 
     def angles(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         inv = self.inv_freq[None, :, None].expand(position_ids.shape[0], -1, 1).float()

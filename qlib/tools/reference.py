@@ -35,6 +35,8 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import Tensor, nn
 
+from qlib.quant.modules import is_linear, weight_out_in
+
 GPTQMODEL_AWQ_CPU = ("gptqmodel 7.6.0 AWQ on CPU: the default AWQ backend (AWQ_GEMM, AwqGEMMLinear) raises 'AWQ: CUDA is "
                      "not available'; the only CPU kernel that can pack AWQ weights, AwqTorchLinear (BACKEND.AWQ_TORCH), "
                      "declares SUPPORTS_DTYPES = [float16, bfloat16] and fails at packing time on a float32 model; "
@@ -107,10 +109,10 @@ def _transplant(model_dir: Path, source: nn.Module, weights: dict[str, Tensor]) 
         mods = dict(model.named_modules())
         for fqn, w in weights.items():
             lin = mods.get(fqn)
-            if not isinstance(lin, nn.Linear) or tuple(lin.weight.shape) != tuple(w.shape):
+            if lin is None or not is_linear(lin) or tuple(weight_out_in(lin).shape) != tuple(w.shape):
                 raise RuntimeError(f"cannot put the dequantized {fqn} {tuple(w.shape)} into the float model; "
                                    "the library's module names do not match the HF model's")
-            lin.weight.copy_(w.to(torch.float32))
+            weight_out_in(lin).copy_(w.to(torch.float32))  # GPT-2's Conv1D: a transposed view of its [in, out] weight
     return model
 
 
@@ -190,11 +192,11 @@ def grid_levels(weight: Tensor, group_size: int | None) -> int:
 
 
 def _block_linears(model: nn.Module) -> list[str]:
-    """FQNs of the nn.Linear layers inside the transformer blocks (what both libraries quantize)."""
+    """FQNs of the linear layers inside the transformer blocks (what both libraries quantize; GPT-2's Conv1D too)."""
     from qlib.methods.arch import arch_of, blocks_path
 
     path = blocks_path(model, arch_of(model))
-    return sorted(n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.startswith(path + "."))
+    return sorted(n for n, m in model.named_modules() if is_linear(m) and n.startswith(path + "."))
 
 
 def _linear_shapes(model_dir: Path) -> dict[str, tuple[int, int]]:
@@ -205,7 +207,7 @@ def _linear_shapes(model_dir: Path) -> dict[str, tuple[int, int]]:
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(cfg)
     mods = dict(model.named_modules())
-    return {n: tuple(mods[n].weight.shape) for n in _block_linears(model)}
+    return {n: tuple(weight_out_in(mods[n]).shape) for n in _block_linears(model)}
 
 
 def _check_divisible(model_dir: Path, group_size: int | None, library: str) -> None:
