@@ -225,3 +225,34 @@ def test_known_startup_noise_is_silenced_and_nothing_else():
     assert out.returncode == 0, out.stderr[-2000:]
     assert "Failed to load" not in out.stderr and "is an Enum subclass" not in out.stderr, out.stderr[-2000:]
     assert "a real torchao warning" in out.stderr
+
+
+def private_attribute_uses(source: str, code: str, modules: set[str]) -> list[str]:
+    """``<alias of another qlib module>._name`` in ``code``: a private name used across modules through an attribute."""
+    tree = ast.parse(code)
+    aliases: dict[str, str] = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            for a in node.names:
+                if f"{node.module}.{a.name}" in modules:
+                    aliases[a.asname or a.name] = f"{node.module}.{a.name}"
+        elif isinstance(node, ast.Import):
+            for a in node.names:
+                if a.name in modules and a.asname:
+                    aliases[a.asname] = a.name
+    return [f"{source}:{n.lineno} uses {aliases[n.value.id]}.{n.attr}" for n in ast.walk(tree)
+            if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name) and n.value.id in aliases
+            and n.attr.startswith("_") and not n.attr.startswith("__") and aliases[n.value.id] != source]
+
+
+def test_no_private_attributes_used_across_modules():
+    """A renamed private helper must not break another module at run time (reference.zoo_model_dir once called
+    ``models._cached`` after it had become ``cached_build``): qlib modules and notebooks reach other modules'
+    private names neither by import nor by attribute."""
+    mods = qlib_modules()
+    found = [u for name, path in mods.items() for u in private_attribute_uses(name, path.read_text(), set(mods))]
+    found += [u for path in sorted((ROOT / "notebooks").glob("*.ipynb"))
+              for u in private_attribute_uses(f"notebooks.{path.stem}", notebook_code(path), set(mods))]
+    assert found == []
+    assert private_attribute_uses("qlib.tools.x", "from qlib.lab import models\nmodels._cached(1)\n",
+                                  {"qlib.lab.models"}) == ["qlib.tools.x:2 uses qlib.lab.models._cached"]

@@ -257,6 +257,16 @@ def _build_lm(key: str, tmp: Path) -> dict:
     }
 
 
+def lm_folder(key: str) -> Path:
+    """The cached Hugging Face folder (config.json, model.safetensors, tokenizer) of a zoo LM or a family test model,
+    built on first use."""
+    if key in LM_KEYS:
+        return cached_build(key, lambda tmp: _build_lm(key, tmp))
+    if key in family_models.FAMILY_KEYS:
+        return cached_build(key, lambda tmp: family_models.build(key, tmp), family_models.recipe(key))
+    raise ValueError(f"{key!r} is not a zoo LM; use one of {', '.join(LM_KEYS + family_models.FAMILY_KEYS)}")
+
+
 def load_lm(model: str = "smollm2-135m", dtype: torch.dtype = torch.float32) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """A causal LM and its tokenizer, in eval mode: a zoo key (cached fp32 safetensors), a local folder, a hub id or a
     GGUF file (dequantized to fp32, then cast to ``dtype``)."""
@@ -270,11 +280,8 @@ def load_lm(model: str = "smollm2-135m", dtype: torch.dtype = torch.float32) -> 
                                     f"({', '.join(LM_KEYS)}), a local folder or a hub id.")
         lm, tokenizer = lm_from_gguf(Path(model).expanduser())
         return lm.to(dtype).eval(), tokenizer
-    if model in LM_KEYS:
-        path = str(cached_build(model, lambda tmp: _build_lm(model, tmp)))
-        lm = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    elif model in family_models.FAMILY_KEYS:  # the lab's test models of other families, built here
-        path = str(cached_build(model, lambda tmp: family_models.build(model, tmp), family_models.recipe(model)))
+    if model in LM_KEYS or model in family_models.FAMILY_KEYS:
+        path = str(lm_folder(model))
         lm = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     else:
         lm = _from_pretrained(AutoModelForCausalLM, model, LM_KEYS, dtype=dtype)

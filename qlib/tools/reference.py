@@ -53,9 +53,7 @@ def zoo_model_dir(key: str = "smollm2-135m") -> Path:
     """The local HF folder (config.json, model.safetensors, tokenizer) of a zoo causal LM, built if needed."""
     from qlib.lab import models
 
-    if key not in models.LM_KEYS:
-        raise ValueError(f"{key!r} is not a zoo causal LM; use one of {', '.join(models.LM_KEYS)}")
-    return models._cached(key, lambda tmp: models._build_lm(key, tmp))
+    return models.lm_folder(key)
 
 
 def _check_inputs(model_dir: str | Path, calib: list[Tensor]) -> Path:
