@@ -258,13 +258,18 @@ def _build_lm(key: str, tmp: Path) -> dict:
 
 
 def lm_folder(key: str) -> Path:
-    """The cached Hugging Face folder (config.json, model.safetensors, tokenizer) of a zoo LM or a family test model,
-    built on first use."""
+    """The Hugging Face folder (config.json, weights, tokenizer) behind an ``LM=`` value, for libraries that load a
+    folder themselves: a zoo LM's or family test model's cache entry (built on first use), or a local folder as is."""
     if key in LM_KEYS:
         return cached_build(key, lambda tmp: _build_lm(key, tmp))
     if key in family_models.FAMILY_KEYS:
         return cached_build(key, lambda tmp: family_models.build(key, tmp), family_models.recipe(key))
-    raise ValueError(f"{key!r} is not a zoo LM; use one of {', '.join(LM_KEYS + family_models.FAMILY_KEYS)}")
+    path = Path(str(key)).expanduser()
+    if (path / "config.json").is_file():
+        return path
+    raise ValueError(f"{key!r} is neither a zoo LM ({', '.join(LM_KEYS + family_models.FAMILY_KEYS)}) nor a local "
+                     "Hugging Face folder with a config.json; the reference libraries load a folder, so save the model "
+                     "with save_pretrained first")
 
 
 def load_lm(model: str = "smollm2-135m", dtype: torch.dtype = torch.float32) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
