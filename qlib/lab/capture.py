@@ -66,7 +66,14 @@ def capture_logs(out_dir: str | Path, name: str, label: str | None = None, show:
     record = CapturedLogs(path, label or name)
     _flush()
     with open(path, "w", encoding="utf-8", errors="replace", buffering=1) as f:
-        swapped = [(h, h.setStream(f)) for h in _stream_handlers()]
+        swapped = []
+        for h in _stream_handlers():
+            try:
+                swapped.append((h, h.setStream(f)))
+            except AttributeError:  # logging's last-resort handler: it looks sys.stderr up each time (redirected below)
+                pass
+            except ValueError:  # a handler whose stream was closed elsewhere: it writes nowhere, leave it
+                pass
         saved_fds = []
         try:
             for fd in (1, 2):
