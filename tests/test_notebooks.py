@@ -5,6 +5,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
+from qlib.lab.paths import REPO_ROOT
 from qlib.lab.results import VERDICTS
 from qlib.lab.run import discover, run_notebook
 
@@ -306,6 +307,9 @@ def test_source_notebook_is_clean(path):
 def test_notebook_smoke_run(path, tmp_path):
     outcome = run_notebook(path, smoke=True, out_root=tmp_path, progress=False)
     assert outcome.ok, f"{path.name} failed in {outcome.error}"
+    executed = (tmp_path / path.stem / path.name).read_text()
+    assert len(executed.encode()) <= 1_500_000, "an executed notebook stays under 1.5 MB (library logs go to files)"
+    assert str(REPO_ROOT) not in executed, "the executed copy names no path of the machine that ran it"
     data = json.loads((tmp_path / path.stem / "metrics.json").read_text())
     assert data["provenance"]["smoke"] is True
     assert data["claims"], "every notebook tests at least one claim of the article"

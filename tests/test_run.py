@@ -199,3 +199,26 @@ def test_out_is_injected_relative_to_the_notebook_and_can_be_moved(tmp_path):
     assert params == {"SMOKE": False, "OUT": "../results/04_gptq_gemma3-270m", "LM": "gemma3-270m"}
     out_dir, params = notebook_run_parameters(nb, smoke=True, out_root=tmp_path)
     assert out_dir == tmp_path.resolve() / "04_gptq" and params["OUT"] == str(out_dir)  # outside the repo: as is
+
+
+def test_executed_copy_is_tidied(tmp_path):
+    from qlib.lab.run import tidy_executed
+
+    root = tmp_path / "repo"
+    nb = {"cells": [{"cell_type": "code", "source": "x", "metadata": {}, "execution_count": 1, "outputs": [
+        {"output_type": "stream", "name": "stderr", "text": "bar:   0%|\r"},
+        {"output_type": "stream", "name": "stderr", "text": "bar:  50%|\rbar: 100%|\n"},
+        {"output_type": "stream", "name": "stdout", "text": [f"saved {root}/results/x.png\n"]},
+        {"output_type": "execute_result", "execution_count": 1, "metadata": {},
+         "data": {"text/plain": f"PosixPath('{root}/data')"}},
+        {"output_type": "error", "ename": "E", "evalue": f"in {root}/qlib/a.py", "traceback": [f"File {root}/qlib/a.py"]},
+    ]}], "metadata": {}, "nbformat": 4, "nbformat_minor": 5}
+    path = tmp_path / "nb.ipynb"
+    path.write_text(json.dumps(nb))
+    assert tidy_executed(path, root=root) == {"stream_outputs_merged": 1}
+    outs = json.loads(path.read_text())["cells"][0]["outputs"]
+    assert outs[0] == {"output_type": "stream", "name": "stderr", "text": "bar: 100%|\n"}  # one line: the last state
+    assert outs[1]["text"] == "saved ./results/x.png\n"
+    assert outs[2]["data"]["text/plain"] == "PosixPath('./data')"
+    assert outs[3]["evalue"] == "in ./qlib/a.py" and outs[3]["traceback"] == ["File ./qlib/a.py"]
+    assert str(root) not in path.read_text()

@@ -36,6 +36,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import signal
 import sys
 import threading
@@ -378,8 +379,54 @@ def run_notebook(path: Path, *, smoke: bool, out_root: Path | None = None, param
                        metrics_dir(path, params))
     seconds = time.perf_counter() - start
     shutdown_kernel(km)
+    tidy_executed(partial)
     os.replace(partial, final)
     return Outcome(path.stem, True, seconds, final, out_dir=metrics_dir(path, params))
+
+
+_CARRIAGE = re.compile(r"[^\n]*\r(?=[^\n])")  # text a later \r on the same line overwrote (a progress bar's old states)
+
+
+def tidy_stream_text(text: str, root: Path = REPO_ROOT) -> str:
+    """A stream's text as a terminal would leave it (each line's last ``\r`` state only), with the repository's
+    absolute path written as ``.`` so the executed copy names no path of the machine that ran it."""
+    text = _CARRIAGE.sub("", text.replace("\r\n", "\n"))
+    return text.replace(str(root) + "/", "./").replace(str(root), ".")
+
+
+def tidy_executed(path: Path, root: Path = REPO_ROOT) -> dict[str, int]:
+    """Tidy an executed notebook in place: consecutive stream outputs of one cell and stream name merged into one,
+    progress-bar states collapsed to their last, and the repository path made relative in streams, tracebacks and
+    plain-text results. Returns counts of what changed."""
+    nb = json.loads(Path(path).read_text())
+    merged = 0
+    for cell in nb.get("cells", []):
+        outputs = cell.get("outputs")
+        if not outputs:
+            continue
+        tidy: list[dict] = []
+        for out in outputs:
+            if out.get("output_type") == "stream":
+                text = "".join(out["text"]) if isinstance(out["text"], list) else out["text"]
+                if tidy and tidy[-1].get("output_type") == "stream" and tidy[-1]["name"] == out["name"]:
+                    tidy[-1]["text"] += text
+                    merged += 1
+                    continue
+                out = {**out, "text": text}
+            elif out.get("output_type") == "error":
+                out = {**out, "traceback": [tidy_stream_text(t, root) for t in out.get("traceback", [])],
+                       "evalue": tidy_stream_text(out.get("evalue", ""), root)}
+            elif "text/plain" in out.get("data", {}):
+                plain = out["data"]["text/plain"]
+                plain = "".join(plain) if isinstance(plain, list) else plain
+                out = {**out, "data": {**out["data"], "text/plain": tidy_stream_text(plain, root)}}
+            tidy.append(out)
+        for out in tidy:
+            if out.get("output_type") == "stream":
+                out["text"] = tidy_stream_text(out["text"], root)
+        cell["outputs"] = tidy
+    Path(path).write_text(json.dumps(nb, indent=1, ensure_ascii=False) + "\n")
+    return {"stream_outputs_merged": merged}
 
 
 # ------------------------------------------------------------------------------------------------ ledger
