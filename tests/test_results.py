@@ -146,3 +146,23 @@ def test_figure_is_shown_inline_in_a_notebook_and_its_path_is_not_printed(tmp_pa
     assert len(shown.outputs) == 1 and shown.outputs[0].data["image/png"][:4] == "iVBO"  # base64 of a PNG header
     assert not plt.get_fignums()  # closed: not drawn a second time
     assert path.is_file() and hasattr(path, "_ipython_display_") and path._ipython_display_() is None
+
+
+def test_numbers_in_tables_read_as_people_write_them():
+    from qlib.lab.results import human_number
+
+    assert human_number(90867920.0) == "90,867,920" and human_number(6.667842e7) == "66,678,420"
+    assert human_number(1234.5678) == "1,234.6" and human_number(65.123) == "65.12" and human_number(0.7375) == "0.7375"
+    assert human_number(0.000312) == "3.12e-04" and human_number(0) == "0" and human_number(float("nan")) == "nan"
+    assert human_number(-2.5) == "-2.5" and human_number(True) == "True"
+
+
+def test_a_run_in_a_notebook_styles_its_tables(tmp_path):
+    import pandas as pd
+    from IPython.core.interactiveshell import InteractiveShell
+
+    InteractiveShell.instance()
+    with pd.option_context("display.max_colwidth", 50, "display.float_format", None):
+        Run(tmp_path / "nb")
+        assert pd.get_option("display.max_colwidth") is None  # claims and notes are never cut at 50 characters
+        assert "90,867,920" in pd.DataFrame({"bytes": [90867920.0]}).to_string()

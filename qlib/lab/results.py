@@ -239,6 +239,44 @@ def save_figure(fig, out_dir: Path, name: str, dpi: int = 120) -> Path:
     return path
 
 
+def _in_ipython() -> bool:
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return False
+    return get_ipython() is not None
+
+
+def human_number(x: Any) -> str:
+    """A number as a table cell for people: thousands separated, sensible digits, scientific notation only for
+    magnitudes below 0.001 (KL of near-identical models) — never ``6.667842e+07`` or ``90867920.0``."""
+    if not isinstance(x, (int, float)) or isinstance(x, bool) or math.isnan(x) or math.isinf(x):
+        return str(x)
+    a = abs(x)
+    if a == 0:
+        return "0"
+    if a >= 1e5:
+        return f"{x:,.0f}"
+    if a >= 100:
+        return f"{x:,.1f}"
+    if a >= 1e-3:
+        return f"{x:.4g}"
+    return f"{x:.2e}"
+
+
+def style_tables() -> None:
+    """pandas display settings for the notebooks: no column cut at 50 characters, numbers by :func:`human_number`.
+    :class:`Run` applies them inside IPython, so every notebook's tables read the same."""
+    try:
+        import pandas as pd
+    except ImportError:
+        return
+    pd.set_option("display.max_colwidth", None)
+    pd.set_option("display.max_columns", 40)
+    pd.set_option("display.width", 200)
+    pd.set_option("display.float_format", human_number)
+
+
 class SavedFigure(type(Path())):
     """The path of a saved figure; IPython shows nothing for it (the figure itself is displayed)."""
 
@@ -265,6 +303,8 @@ class Run:
         self._partial = self.out_dir / "metrics.partial.json"
         self._partial.unlink(missing_ok=True)  # an earlier stopped run's steps are not this run's
         self.git = git_state()  # the code the run started from; HEAD may move while a long run goes on
+        if _in_ipython():
+            style_tables()
 
     def log(self, key: str, value: Any) -> Any:
         """Record one result under ``key`` and save the partial metrics at once."""
