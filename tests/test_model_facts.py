@@ -113,3 +113,9 @@ def test_short_name_drops_only_a_trailing_size():
              for n in ("SmolLM2-135M", "Gemma-3-270M", "Qwen2-0.5B", "tiny-gpt2", "opt-125m")}
     assert short == {"SmolLM2-135M": "SmolLM2", "Gemma-3-270M": "Gemma-3", "Qwen2-0.5B": "Qwen2", "tiny-gpt2": "tiny-gpt2",
                      "opt-125m": "opt"}
+
+
+def test_small_vocabularies_are_judged_by_the_unigram_bar():
+    assert check_baseline(140.0, 1024, unigram_ppl=300.0) == 140.0  # a weak tiny model beats token frequencies
+    with pytest.raises(ValueError, match="a tenth of its 1024-token vocabulary"):
+        check_baseline(140.0, 1024)  # without text statistics only the vocabulary bar is left

@@ -366,6 +366,8 @@ def test_lm_notebook_smoke_run_on_another_family(stem, lm, clf, tmp_path):
     params = {"LM": lm, **({"CLASSIFIER": clf} if "CLASSIFIER" in notebook_parameters(path) else {})}
     outcome = run_notebook(path, smoke=True, out_root=tmp_path, parameters=params, progress=False)
     assert outcome.ok, f"{path.name} with {params} failed in {outcome.error}"
+    executed = (tmp_path / path.stem / path.name).read_text()
+    assert len(executed.encode()) <= 1_500_000 and str(REPO_ROOT) not in executed
     data = json.loads((tmp_path / path.stem / "metrics.json").read_text())
     assert data["claims"] and all(c["verdict"] in VERDICTS for c in data["claims"])
     defaults = ["SmolLM2"] + (["MiniLM"] if "CLASSIFIER" in params else [])

@@ -147,6 +147,18 @@ def test_complex_rope_is_the_same_function(llama):
         assert torch.equal(llama(input_ids=ids, use_cache=False).logits, ref)   # patch removed
 
 
+def test_complex_rope_says_which_models_it_cannot_take(llama):
+    import transformers as T
+
+    assert ou.complex_rope_unsupported(llama) is None
+    gpt2 = T.GPT2LMHeadModel(T.GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=2, n_positions=32))
+    reason = ou.complex_rope_unsupported(gpt2)
+    assert isinstance(reason, str) and "GPT2LMHeadModel has no rotary position embedding" in reason
+    with pytest.raises(TypeError, match="no rotary position embedding"):
+        with ou.complex_rope(gpt2):
+            pass
+
+
 def test_legacy_exporter_cannot_export_polar(llama, tmp_path):
     ids = torch.randint(0, 128, (1, 16))
     with ou.complex_rope(llama):

@@ -212,7 +212,7 @@ def test_executed_copy_is_tidied(tmp_path):
         {"output_type": "execute_result", "execution_count": 1, "metadata": {},
          "data": {"text/plain": f"PosixPath('{root}/data')"}},
         {"output_type": "error", "ename": "E", "evalue": f"in {root}/qlib/a.py", "traceback": [f"File {root}/qlib/a.py"]},
-    ]}], "metadata": {}, "nbformat": 4, "nbformat_minor": 5}
+    ]}], "metadata": {"papermill": {"input_path": f"{root}/notebooks/nb.ipynb"}}, "nbformat": 4, "nbformat_minor": 5}
     path = tmp_path / "nb.ipynb"
     path.write_text(json.dumps(nb))
     assert tidy_executed(path, root=root) == {"stream_outputs_merged": 1}

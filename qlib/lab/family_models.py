@@ -24,6 +24,7 @@ FAMILY_KEYS = ("smollm2-135m-qwen2", "tiny-gpt2", "tiny-opt")
 CLASSIFIER_FAMILY_KEYS = ("tiny-distilbert-sentiment", "tiny-roberta-sentiment")
 TINY_CLF = dict(vocab=2048, width=128, blocks=2, heads=4, ffn=512, positions=130, steps=400, batch=32, max_length=64,
                 lr=2e-3, seed=0)
+TRAIN_THREADS = 2  # the lab machine has 2 cores
 TINY = dict(vocab=1024, width=128, blocks=4, heads=4, ffn=512, positions=1024, steps=400, batch=8, seq=128, lr=3e-3,
             seed=0)
 NOTES = {
@@ -143,11 +144,9 @@ def _tiny(key: str, tmp: Path) -> dict:
     opt = torch.optim.AdamW(model.parameters(), lr=r["lr"], weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / 40) * 0.5 * (1 + math.cos(math.pi * s / r["steps"])))
-    before = torch.get_num_threads()
-    torch.set_num_threads(num_threads(None))
     model.train()
     losses = []
-    try:
+    with num_threads(TRAIN_THREADS):
         for _ in tqdm(range(r["steps"]), desc=f"train {key}", leave=False):
             starts = torch.randint(0, len(ids) - r["seq"] - 1, (r["batch"],), generator=g)
             batch = torch.stack([ids[s: s + r["seq"]] for s in starts.tolist()])
@@ -158,8 +157,6 @@ def _tiny(key: str, tmp: Path) -> dict:
             opt.step()
             sched.step()
             losses.append(loss.item())
-    finally:
-        torch.set_num_threads(before)
     model.eval()
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
@@ -228,10 +225,8 @@ def _tiny_classifier(key: str, tmp: Path) -> dict:
     opt = torch.optim.AdamW(model.parameters(), lr=r["lr"], weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / 40) * 0.5 * (1 + math.cos(math.pi * s / r["steps"])))
-    before = torch.get_num_threads()
-    torch.set_num_threads(num_threads(None))
     model.train()
-    try:
+    with num_threads(TRAIN_THREADS):
         for _ in tqdm(range(r["steps"]), desc=f"train {key}", leave=False):
             idx = torch.randint(0, len(texts), (r["batch"],), generator=g).tolist()
             enc = tokenizer([texts[i] for i in idx], padding=True, truncation=True, max_length=r["max_length"],
@@ -250,8 +245,6 @@ def _tiny_classifier(key: str, tmp: Path) -> dict:
                 enc = tokenizer(test_texts[i:i + 64], padding=True, truncation=True, max_length=r["max_length"],
                                 return_tensors="pt")
                 correct += int((model(**enc).logits.argmax(-1).numpy() == np.asarray(test_labels[i:i + 64])).sum())
-    finally:
-        torch.set_num_threads(before)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     return {"key": key, "architecture": cls.__name__, "params": sum(p.numel() for p in model.parameters()),

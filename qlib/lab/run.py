@@ -425,6 +425,10 @@ def tidy_executed(path: Path, root: Path = REPO_ROOT) -> dict[str, int]:
             if out.get("output_type") == "stream":
                 out["text"] = tidy_stream_text(out["text"], root)
         cell["outputs"] = tidy
+    pm = nb.get("metadata", {}).get("papermill", {})
+    for key in ("input_path", "output_path"):  # papermill records where it read and wrote the notebook
+        if isinstance(pm.get(key), str):
+            pm[key] = tidy_stream_text(pm[key], root)
     Path(path).write_text(json.dumps(nb, indent=1, ensure_ascii=False) + "\n")
     return {"stream_outputs_merged": merged}
 

@@ -392,7 +392,6 @@ def op_counts(path: str | Path) -> dict[str, int]:
 
 
 # ----------------------------------------------------------------------------------------------------- rotary
-@contextlib.contextmanager
 def complex_rope_unsupported(model: nn.Module) -> str | None:
     """Why :func:`complex_rope` cannot run on ``model`` (one sentence), or None when it can."""
     module = sys.modules[type(model).__module__]
@@ -403,6 +402,7 @@ def complex_rope_unsupported(model: nn.Module) -> str | None:
     return None
 
 
+@contextlib.contextmanager
 def complex_rope(model: nn.Module, broadcast_first: bool = False) -> Iterator[None]:
     """Run an HF Llama-family model with rotary embeddings written in complex numbers, as Meta's reference Llama does.
 
