@@ -6,8 +6,10 @@ also run on them, so a notebook that only works on Llama-style models fails a te
   model's, under the Qwen2 family's code path.
 * ``tiny-gpt2`` and ``tiny-opt`` — a GPT-2 (``Conv1D`` weights, learned positions, GELU) and an OPT (ReLU, learned
   positions with OPT's offset of 2) of 4 blocks, width 128, on a 1,024-token byte-level BPE trained here, each
-  trained for a few hundred steps on the lab's ``calib`` text splits. Small and weak but far better than a unigram
-  model, so every notebook's FP32 sanity guard passes; test models, not useful language models.
+  trained for 150 steps on the lab's ``calib`` text splits. Small and weak but better than a unigram model of the
+  text, so every notebook's FP32 sanity guard passes; test models, not useful language models.
+* ``tiny-distilbert-sentiment`` and ``tiny-roberta-sentiment`` — 2-block encoders of those families trained from
+  scratch on the movie-sentiment train split (their own WordPiece / byte-level BPE), for the classifier notebooks.
 
 Every entry is cached like the zoo's models (``qlib.lab.models.cached_build``) and loaded with ``load_lm(key)``.
 """
@@ -22,24 +24,26 @@ import torch
 
 FAMILY_KEYS = ("smollm2-135m-qwen2", "tiny-gpt2", "tiny-opt")
 CLASSIFIER_FAMILY_KEYS = ("tiny-distilbert-sentiment", "tiny-roberta-sentiment")
-TINY_CLF = dict(vocab=2048, width=128, blocks=2, heads=4, ffn=512, positions=130, steps=400, batch=32, max_length=64,
+TINY_CLF = dict(vocab=2048, width=128, blocks=2, heads=4, ffn=512, positions=130, steps=150, batch=32, max_length=64,
                 lr=2e-3, seed=0)
 TRAIN_THREADS = 2  # the lab machine has 2 cores
-TINY = dict(vocab=1024, width=128, blocks=4, heads=4, ffn=512, positions=1024, steps=400, batch=8, seq=128, lr=3e-3,
-            seed=0)
+TINY = dict(vocab=1024, width=128, blocks=4, heads=4, ffn=512, positions=1024, steps=150, batch=8, seq=128, lr=3e-3,
+            seed=0)  # about 12 s on 2 cores: the smoke runs that use it pay for its training
 NOTES = {
     "smollm2-135m-qwen2": "SmolLM2-135M's weights in a Qwen2 model (zero q/k/v biases): the same function, built here "
                           "to run the notebooks through the Qwen2 family's code",
-    "tiny-gpt2": "a 4-block GPT-2 (width 128, 1,024-token BPE) trained here for 400 steps on the calib text splits: a "
-                 "test model of the GPT-2 family (Conv1D weights), not a useful language model",
-    "tiny-opt": "a 4-block OPT (width 128, 1,024-token BPE) trained here for 400 steps on the calib text splits: a "
-                "test model of the OPT family, not a useful language model",
+    "tiny-gpt2": f"a 4-block GPT-2 (width 128, 1,024-token BPE) trained here for {TINY['steps']} steps on the calib text "
+                 "splits: a test model of the GPT-2 family (Conv1D weights), not a useful language model",
+    "tiny-opt": f"a 4-block OPT (width 128, 1,024-token BPE) trained here for {TINY['steps']} steps on the calib text "
+                "splits: a test model of the OPT family, not a useful language model",
 }
 NOTES.update({
     "tiny-distilbert-sentiment": "a 2-block DistilBERT (width 128, 2,048-token WordPiece) trained here from scratch "
-                                 "for 400 steps on the movie-sentiment train split: a test model of the DistilBERT family",
+                                 f"for {TINY_CLF['steps']} steps on the movie-sentiment train split: a test model of the "
+                                 "DistilBERT family",
     "tiny-roberta-sentiment": "a 2-block RoBERTa (width 128, 2,048-token byte-level BPE) trained here from scratch for "
-                              "400 steps on the movie-sentiment train split: a test model of the RoBERTa family",
+                              f"{TINY_CLF['steps']} steps on the movie-sentiment train split: a test model of the RoBERTa "
+                              "family",
 })
 DISPLAY_NAMES = {"tiny-distilbert-sentiment": "Tiny-DistilBERT sentiment", "tiny-roberta-sentiment": "Tiny-RoBERTa sentiment",
                  "smollm2-135m-qwen2": "Qwen2-135M", "tiny-gpt2": "Tiny-GPT-2", "tiny-opt": "Tiny-OPT"}
