@@ -56,6 +56,20 @@ def recipe(key: str) -> dict[str, Any] | None:
     return {**(TINY_CLF if key in CLASSIFIER_FAMILY_KEYS else TINY), "family": key}
 
 
+def _train(model: torch.nn.Module, loss_of, batches: list, r: dict[str, Any], key: str) -> None:
+    """AdamW with 40 warm-up steps and a cosine decay over ``r["steps"]``, gradients clipped to norm 1, on the lab's
+    training threads (``qlib.lab.models.train_steps``); the model is left in eval mode."""
+    from qlib.lab.bench import num_threads
+    from qlib.lab.models import train_steps
+
+    opt = torch.optim.AdamW(model.parameters(), lr=r["lr"], weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / 40) * 0.5 * (1 + math.cos(math.pi * s / r["steps"])))
+    with num_threads(TRAIN_THREADS):
+        train_steps(model, loss_of, batches, opt, sched, f"train {key}", progress=True, clip_norm=1.0)
+    model.eval()
+
+
 def build(key: str, tmp: Path) -> dict:
     """Build one entry into ``tmp`` (a model folder with config, safetensors and tokenizer); return its meta."""
     if key == "smollm2-135m-qwen2":
@@ -121,10 +135,8 @@ def _train_tokenizer(texts: list[str], vocab: int):
 
 def _tiny(key: str, tmp: Path) -> dict:
     import transformers as T
-    from tqdm.auto import tqdm
 
     from qlib.lab import data
-    from qlib.lab.bench import num_threads
 
     r = TINY
     start = time.perf_counter()
@@ -145,23 +157,16 @@ def _tiny(key: str, tmp: Path) -> dict:
     torch.manual_seed(r["seed"])
     model = cls(config)
     g = torch.Generator().manual_seed(r["seed"])
-    opt = torch.optim.AdamW(model.parameters(), lr=r["lr"], weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / 40) * 0.5 * (1 + math.cos(math.pi * s / r["steps"])))
-    model.train()
+    starts = [torch.randint(0, len(ids) - r["seq"] - 1, (r["batch"],), generator=g).tolist() for _ in range(r["steps"])]
     losses = []
-    with num_threads(TRAIN_THREADS):
-        for _ in tqdm(range(r["steps"]), desc=f"train {key}", leave=False):
-            starts = torch.randint(0, len(ids) - r["seq"] - 1, (r["batch"],), generator=g)
-            batch = torch.stack([ids[s: s + r["seq"]] for s in starts.tolist()])
-            loss = model(batch, labels=batch).loss
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            sched.step()
-            losses.append(loss.item())
-    model.eval()
+
+    def loss_of(batch_starts: list[int]) -> torch.Tensor:
+        batch = torch.stack([ids[s: s + r["seq"]] for s in batch_starts])
+        loss = model(batch, labels=batch).loss
+        losses.append(loss.item())
+        return loss
+
+    _train(model, loss_of, starts, r, key)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     return {"key": key, "architecture": cls.__name__, "params": sum(p.numel() for p in model.parameters()),
@@ -201,10 +206,10 @@ def _classifier_tokenizer(key: str, texts: list[str], vocab: int):
 def _tiny_classifier(key: str, tmp: Path) -> dict:
     import numpy as np
     import transformers as T
-    from tqdm.auto import tqdm
 
     from qlib.lab.bench import num_threads
     from qlib.lab.data import sentiment_dataset
+    from qlib.lab.models import text_accuracy
 
     r = TINY_CLF
     start = time.perf_counter()
@@ -226,31 +231,19 @@ def _tiny_classifier(key: str, tmp: Path) -> dict:
     torch.manual_seed(r["seed"])
     model = cls(config)
     g = torch.Generator().manual_seed(r["seed"])
-    opt = torch.optim.AdamW(model.parameters(), lr=r["lr"], weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / 40) * 0.5 * (1 + math.cos(math.pi * s / r["steps"])))
-    model.train()
+    batches = [torch.randint(0, len(texts), (r["batch"],), generator=g).tolist() for _ in range(r["steps"])]
+
+    def loss_of(idx: list[int]) -> torch.Tensor:
+        enc = tokenizer([texts[i] for i in idx], padding=True, truncation=True, max_length=r["max_length"],
+                        return_tensors="pt")
+        return model(**enc, labels=labels_t[idx]).loss
+
+    _train(model, loss_of, batches, r, key)
+    test_texts, test_labels = sentiment_dataset("test")
     with num_threads(TRAIN_THREADS):
-        for _ in tqdm(range(r["steps"]), desc=f"train {key}", leave=False):
-            idx = torch.randint(0, len(texts), (r["batch"],), generator=g).tolist()
-            enc = tokenizer([texts[i] for i in idx], padding=True, truncation=True, max_length=r["max_length"],
-                            return_tensors="pt")
-            loss = model(**enc, labels=labels_t[idx]).loss
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            sched.step()
-        model.eval()
-        test_texts, test_labels = sentiment_dataset("test")
-        correct = 0
-        with torch.inference_mode():
-            for i in range(0, len(test_texts), 64):
-                enc = tokenizer(test_texts[i:i + 64], padding=True, truncation=True, max_length=r["max_length"],
-                                return_tensors="pt")
-                correct += int((model(**enc).logits.argmax(-1).numpy() == np.asarray(test_labels[i:i + 64])).sum())
+        acc = text_accuracy(model, tokenizer, list(test_texts), np.asarray(test_labels), r["max_length"])
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     return {"key": key, "architecture": cls.__name__, "params": sum(p.numel() for p in model.parameters()),
-            "test_accuracy": round(correct / len(test_texts), 4), "note": NOTES[key],
+            "test_accuracy": round(acc, 4), "note": NOTES[key],
             "build_seconds": round(time.perf_counter() - start, 1)}

@@ -407,8 +407,10 @@ def _length_batches(lengths: list[int], batch_size: int, gen: torch.Generator, p
 
 
 def train_steps(model: nn.Module, loss_of: Callable[[Any], torch.Tensor], batches: list, opt: torch.optim.Optimizer,
-                sched: torch.optim.lr_scheduler.LRScheduler, desc: str, progress: bool) -> float:
-    """One optimiser and scheduler step per batch, in order, with a progress bar; return the seconds it took."""
+                sched: torch.optim.lr_scheduler.LRScheduler, desc: str, progress: bool,
+                clip_norm: float | None = None) -> float:
+    """One optimiser and scheduler step per batch, in order, with a progress bar; return the seconds it took.
+    ``clip_norm`` clips the gradients' total norm before each step."""
     model.train()
     start = time.perf_counter()
     with tqdm(batches, desc=desc, disable=not progress) as bar:
@@ -416,13 +418,15 @@ def train_steps(model: nn.Module, loss_of: Callable[[Any], torch.Tensor], batche
             loss = loss_of(batch)
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            if clip_norm is not None:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), clip_norm)
             opt.step()
             sched.step()
             bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
     return time.perf_counter() - start
 
 
-def _text_accuracy(model: nn.Module, tokenizer: Any, texts: list[str], labels: np.ndarray, max_length: int) -> float:
+def text_accuracy(model: nn.Module, tokenizer: Any, texts: list[str], labels: np.ndarray, max_length: int) -> float:
     """Accuracy of a sequence classifier on ``texts``, batches of 64 padded per batch."""
     model.eval()
     preds = []
@@ -464,7 +468,7 @@ def _train_classifier(tmp: Path, smoke: bool, progress: bool) -> dict:
         train_seconds = train_steps(model, loss_of, [b for e in epochs for b in e], opt, sched, "fine-tune minilm-sentiment", progress)
         test_texts, test_labels = sentiment_dataset("test")
         n_test = r["n_test"] or len(test_texts)
-        acc = _text_accuracy(model, tokenizer, list(test_texts[:n_test]), np.asarray(test_labels)[:n_test], r["max_length"])
+        acc = text_accuracy(model, tokenizer, list(test_texts[:n_test]), np.asarray(test_labels)[:n_test], r["max_length"])
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     return {"key": _cache_key("minilm-sentiment", smoke), "base": ZOO["minilm-l6"], "smoke": smoke, "n_train": len(texts),
