@@ -260,3 +260,17 @@ def test_gemma_gguf_vocabulary_becomes_a_bpe_tokenizer_with_bos(tmp_path):
     ids = tokenizer("hello hello<start_of_turn>\n\n").input_ids
     assert tokenizer.convert_ids_to_tokens(ids) == ["<bos>", "hello", "▁hello", "<start_of_turn>", "\n\n"]
     assert tokenizer.decode(ids, skip_special_tokens=True) == "hello hello\n\n"
+
+
+def test_family_test_tokenizers_are_the_same_on_every_build():
+    """WordPiece training numbers its tokens in hash order; the DistilBERT test model renumbers them, so two builds
+    give one tokenizer (and one model)."""
+    from qlib.lab import family_models
+    from qlib.lab.data import sentiment_dataset
+
+    texts, _ = sentiment_dataset("train")  # what the builds train on, at the builds' vocabulary size
+    for key in family_models.CLASSIFIER_FAMILY_KEYS:
+        first = family_models._classifier_tokenizer(key, texts, family_models.TINY_CLF["vocab"])
+        second = family_models._classifier_tokenizer(key, texts, family_models.TINY_CLF["vocab"])
+        assert first.get_vocab() == second.get_vocab(), key
+        assert first("a good film").input_ids == second("a good film").input_ids

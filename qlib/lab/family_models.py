@@ -25,7 +25,7 @@ import torch
 FAMILY_KEYS = ("smollm2-135m-qwen2", "tiny-gpt2", "tiny-opt")
 CLASSIFIER_FAMILY_KEYS = ("tiny-distilbert-sentiment", "tiny-roberta-sentiment")
 TINY_CLF = dict(vocab=2048, width=128, blocks=2, heads=4, ffn=512, positions=130, steps=150, batch=32, max_length=64,
-                lr=2e-3, seed=0)
+                lr=2e-3, seed=0, vocab_ids="specials, then sorted")
 TRAIN_THREADS = 2  # the lab machine has 2 cores
 TINY = dict(vocab=1024, width=128, blocks=4, heads=4, ffn=512, positions=1024, steps=150, batch=8, seq=128, lr=3e-3,
             seed=0)  # about 12 s on 2 cores: the smoke runs that use it pay for its training
@@ -187,6 +187,10 @@ def _classifier_tokenizer(key: str, texts: list[str], vocab: int):
         tk.decoder = decoders.WordPiece()
         tk.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=vocab, special_tokens=special,
                                                                 show_progress=False))
+        # the trainer finds the same tokens every time but numbers them in hash order: renumber them (specials first,
+        # then sorted) so the model built on top is the same on every build
+        learned = sorted(set(tk.get_vocab()) - set(special))
+        tk.model = models.WordPiece({t: i for i, t in enumerate(special + learned)}, unk_token="[UNK]")
         cls, sep = tk.token_to_id("[CLS]"), tk.token_to_id("[SEP]")
         tk.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]",
                                                           special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
