@@ -317,12 +317,9 @@ class Run:
         keeps it as an ``image/png`` output), then close the figure so it is not drawn twice. Returns the file's
         path, which a notebook does not print when the call ends a cell (the picture is shown instead)."""
         path = SavedFigure(save_figure(fig, self.out_dir, name))
-        try:
-            from IPython import get_ipython
+        if _in_ipython():  # in plain Python the file is the figure
             from IPython.display import Image, display
-        except ImportError:  # plain Python: the file is the figure
-            get_ipython = None
-        if get_ipython is not None and get_ipython() is not None:
+
             display(Image(filename=str(path)))
         import matplotlib.pyplot as plt
 
